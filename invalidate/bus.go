@@ -1,0 +1,495 @@
+package invalidate
+
+import (
+	"context"
+	crand "crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Defaults for Options.
+const (
+	DefaultPrefix            = "tc:"
+	DefaultHeartbeatInterval = 250 * time.Millisecond
+	DefaultHeartbeatTimeout  = time.Second
+)
+
+// Options configures a Bus. The zero value is valid.
+type Options struct {
+	// Prefix scopes the channel (and, by convention, every key of the caches
+	// that use this Bus) so that two applications sharing one Redis never read
+	// each other's messages. Zero means DefaultPrefix.
+	Prefix string
+
+	// HeartbeatInterval is how long the subscription may be idle before the
+	// Bus pings Redis over it. Zero means DefaultHeartbeatInterval.
+	HeartbeatInterval time.Duration
+
+	// HeartbeatTimeout is how long the Bus may go without hearing anything on
+	// its subscription (a message, a pong, a confirmation) before it declares
+	// the stream dead. While dead, caches bypass L1; when the Bus subscribes
+	// again every cache's L1 is invalidated. This is the staleness bound under
+	// faults. Zero means DefaultHeartbeatTimeout. It must exceed
+	// HeartbeatInterval.
+	HeartbeatTimeout time.Duration
+
+	// Logger receives state changes (stream lost and regained). Nil means
+	// silent. Nothing is logged per message.
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.Prefix == "" {
+		o.Prefix = DefaultPrefix
+	}
+	if o.HeartbeatInterval == 0 {
+		o.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if o.HeartbeatTimeout == 0 {
+		o.HeartbeatTimeout = DefaultHeartbeatTimeout
+	}
+	switch {
+	case o.HeartbeatInterval < 0 || o.HeartbeatTimeout < 0:
+		return o, errors.New("invalidate: negative heartbeat duration")
+	case o.HeartbeatTimeout <= o.HeartbeatInterval:
+		return o, fmt.Errorf("invalidate: HeartbeatTimeout %v must exceed HeartbeatInterval %v", o.HeartbeatTimeout, o.HeartbeatInterval)
+	}
+	return o, nil
+}
+
+// Handler receives the messages of one namespace. Its methods are called
+// from the Bus's receive goroutine, one at a time, outside any lock of the
+// Bus. They must return quickly and must not block on Redis: a slow handler
+// delays every other namespace's invalidations.
+type Handler interface {
+	// Invalidate is called with the keys of a received keys message.
+	// The slice must not be retained.
+	Invalidate(keys []string)
+	// Flush is called for a received namespace flush; gen is the
+	// namespace's new generation (see docs/wire.md).
+	Flush(gen uint64)
+	// Resync is called after every (re)subscription, before the Bus reports
+	// itself live again, so the handler can re-read state it may have missed
+	// (a namespace generation). An error keeps the Bus dead and the
+	// subscription is retried. ctx is bounded by HeartbeatTimeout.
+	Resync(ctx context.Context) error
+}
+
+// namespaceLimit is the longest namespace a message can carry.
+const namespaceLimit = 255
+
+// ErrClosed is returned by Bus methods called after Close.
+var ErrClosed = errors.New("invalidate: bus closed")
+
+// ErrDuplicateNamespace is returned by Register when the namespace already
+// has a handler on this Bus.
+var ErrDuplicateNamespace = errors.New("invalidate: namespace already registered")
+
+// Bus is the invalidation stream of one process for one Redis deployment.
+// Caches of every namespace share it. It owns one goroutine and one pub/sub
+// connection, both stopped by Close; it never closes the Redis client it was
+// given.
+//
+// All methods are safe for concurrent use.
+type Bus struct {
+	rdb     redis.UniversalClient
+	opts    Options
+	channel string
+	origin  [16]byte
+
+	// epoch is even while the stream is live and odd while it is dead; it
+	// changes on every transition, so an entry filled under epoch e is valid
+	// only while epoch is still e. Only the receive goroutine writes it.
+	epoch     atomic.Uint64
+	lastHeard atomic.Int64 // unix ns
+	seq       atomic.Uint64
+
+	received, applied, own, ignored, malformed, reconnects atomic.Uint64
+
+	mu       sync.RWMutex
+	handlers map[string]Handler
+	closed   bool
+
+	psMu     sync.Mutex
+	ps       *redis.PubSub // the current subscription; Close closes it to interrupt a blocked read
+	psClosed bool
+
+	liveCh    chan struct{} // closed and replaced on every transition to live
+	liveMu    sync.Mutex
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+// New starts a Bus on rdb. It returns at once; the Bus becomes live (see
+// [Bus.Live]) when its subscription is confirmed, usually within a
+// millisecond. Until then caches read L2 directly. Call Close to stop it.
+func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
+	if rdb == nil {
+		return nil, errors.New("invalidate: nil Redis client")
+	}
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	b := &Bus{
+		rdb:      rdb,
+		opts:     opts,
+		channel:  opts.Prefix + "inv:1",
+		handlers: make(map[string]Handler),
+		liveCh:   make(chan struct{}),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+	if _, err := crand.Read(b.origin[:]); err != nil {
+		return nil, fmt.Errorf("invalidate: instance id: %w", err)
+	}
+	b.epoch.Store(1) // dead until the first subscription is confirmed
+	go b.run()
+	return b, nil
+}
+
+// Channel is the Redis channel the Bus subscribes and publishes to.
+func (b *Bus) Channel() string { return b.channel }
+
+// Origin is this Bus's random instance ID, carried in every message it
+// creates.
+func (b *Bus) Origin() [16]byte { return b.origin }
+
+// Epoch reports the stream's epoch: even while live, odd while dead, and
+// different after every transition. Caches compare an entry's epoch with it
+// on every L1 hit; it is a single atomic load.
+func (b *Bus) Epoch() uint64 { return b.epoch.Load() }
+
+// Live reports whether the stream is currently trusted.
+func (b *Bus) Live() bool { return b.epoch.Load()&1 == 0 }
+
+// LastHeard is when the Bus last received anything on its subscription; the
+// zero Time if never.
+func (b *Bus) LastHeard() time.Time {
+	ns := b.lastHeard.Load()
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
+}
+
+// WaitLive blocks until the stream is live or ctx is done.
+func (b *Bus) WaitLive(ctx context.Context) error {
+	for {
+		b.liveMu.Lock()
+		ch := b.liveCh
+		b.liveMu.Unlock()
+		if b.Live() {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-b.done:
+			return ErrClosed
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Register routes the messages of namespace ns to h and returns a function
+// that removes it. One handler per namespace per Bus.
+func (b *Bus) Register(ns string, h Handler) (unregister func(), err error) {
+	if ns == "" || len(ns) > namespaceLimit {
+		return nil, fmt.Errorf("invalidate: namespace length %d out of range 1..%d", len(ns), namespaceLimit)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if _, dup := b.handlers[ns]; dup {
+		return nil, fmt.Errorf("%w: %q", ErrDuplicateNamespace, ns)
+	}
+	b.handlers[ns] = h
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			b.mu.Lock()
+			if b.handlers[ns] == h {
+				delete(b.handlers, ns)
+			}
+			b.mu.Unlock()
+		})
+	}, nil
+}
+
+// KeysMessage encodes an invalidation of keys in namespace ns, stamped with
+// this Bus's origin, the next sequence number and the current time. The
+// caller publishes it, usually inside the script that mutates L2.
+func (b *Bus) KeysMessage(ns string, keys []string) ([]byte, error) {
+	m := Message{Origin: b.origin, Seq: b.seq.Add(1), Time: time.Now().UnixNano(), Namespace: ns, Kind: KindKeys, Keys: keys}
+	return m.MarshalBinary()
+}
+
+// FlushMessagePrefix encodes a namespace flush without its trailing
+// generation: a script appends the uvarint of the generation it created
+// (see docs/wire.md), so the flush and its generation are one atomic step.
+func (b *Bus) FlushMessagePrefix(ns string) ([]byte, error) {
+	m := Message{Origin: b.origin, Seq: b.seq.Add(1), Time: time.Now().UnixNano(), Namespace: ns, Kind: KindFlush, Gen: 0}
+	p, err := m.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	return p[:len(p)-1], nil // uvarint(0) is one byte
+}
+
+// Publish sends an encoded message on the channel. Writes that mutate L2
+// publish inside their own script instead, so that the mutation and its
+// invalidation cannot half-happen.
+func (b *Bus) Publish(ctx context.Context, msg []byte) error {
+	if err := b.rdb.Publish(ctx, b.channel, msg).Err(); err != nil {
+		return fmt.Errorf("invalidate: publish: %w", err)
+	}
+	return nil
+}
+
+// Stats is a snapshot of the Bus's counters.
+type Stats struct {
+	Live       bool
+	LastHeard  time.Time
+	Reconnects uint64 // subscriptions confirmed after the first
+	Received   uint64 // messages received
+	Applied    uint64 // messages handed to a handler
+	Own        uint64 // this Bus's own messages, skipped (see dispatch)
+	Ignored    uint64 // messages for namespaces with no handler here
+	Malformed  uint64 // messages that failed to decode
+}
+
+// Stats returns the Bus's counters.
+func (b *Bus) Stats() Stats {
+	return Stats{
+		Live: b.Live(), LastHeard: b.LastHeard(), Reconnects: b.reconnects.Load(),
+		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(),
+	}
+}
+
+// Close stops the receive goroutine, waits for it and closes the
+// subscription. It is idempotent and safe to call concurrently; it does not
+// close the Redis client.
+func (b *Bus) Close() error {
+	b.closeOnce.Do(func() {
+		b.mu.Lock()
+		b.closed = true
+		b.mu.Unlock()
+		close(b.stop)
+		b.psMu.Lock()
+		b.psClosed = true
+		if b.ps != nil {
+			_ = b.ps.Close() // interrupts a read blocked in ReceiveTimeout
+		}
+		b.psMu.Unlock()
+		<-b.done
+	})
+	return nil
+}
+
+// setLive moves the epoch to the next even (live) or odd (dead) value.
+// Only the receive goroutine calls it.
+func (b *Bus) setLive(live bool) {
+	e := b.epoch.Load()
+	if (e&1 == 0) == live {
+		return
+	}
+	b.epoch.Store(e + 1)
+	if live {
+		b.liveMu.Lock()
+		close(b.liveCh)
+		b.liveCh = make(chan struct{})
+		b.liveMu.Unlock()
+	}
+}
+
+func (b *Bus) logf(level slog.Level, msg string, args ...any) {
+	if b.opts.Logger != nil {
+		b.opts.Logger.Log(context.Background(), level, msg, append([]any{"channel", b.channel}, args...)...)
+	}
+}
+
+// run owns the subscription: subscribe, confirm, receive with a deadline,
+// ping when idle, and on any error or silence declare the stream dead,
+// drop the connection and start over with backoff.
+func (b *Bus) run() {
+	defer close(b.done)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-b.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+
+	backoff := time.Duration(0)
+	first := true
+	for {
+		if backoff > 0 {
+			t := time.NewTimer(backoff + rand.N(backoff/2+1))
+			select {
+			case <-b.stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+		wasLive, err := b.session(ctx, &first)
+		b.setLive(false)
+		select {
+		case <-b.stop:
+			return
+		default:
+		}
+		if wasLive {
+			backoff = 0
+			b.logf(slog.LevelWarn, "tiercache: invalidation stream lost; L1 bypassed until resubscribed", "err", err)
+		}
+		backoff = min(max(2*backoff, 25*time.Millisecond), 2*time.Second)
+	}
+}
+
+// session runs one subscription until it fails. It returns why.
+func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error) {
+	ps := b.rdb.Subscribe(ctx)
+	b.psMu.Lock()
+	if b.psClosed {
+		b.psMu.Unlock()
+		_ = ps.Close()
+		return false, ErrClosed
+	}
+	b.ps = ps
+	b.psMu.Unlock()
+	defer func() {
+		b.psMu.Lock()
+		b.ps = nil
+		b.psMu.Unlock()
+		_ = ps.Close()
+	}()
+	subCtx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
+	err = ps.Subscribe(subCtx, b.channel)
+	cancel()
+	if err != nil {
+		return wasLive, fmt.Errorf("subscribe: %w", err)
+	}
+	heard := time.Now()
+	pingSent := false
+	for {
+		wait := b.opts.HeartbeatInterval
+		if pingSent {
+			wait = b.opts.HeartbeatTimeout - time.Since(heard)
+		}
+		if wait <= 0 {
+			return wasLive, errors.New("heartbeat timeout")
+		}
+		msg, err := ps.ReceiveTimeout(ctx, wait)
+		if err != nil {
+			if ctx.Err() != nil {
+				return wasLive, ctx.Err()
+			}
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				return wasLive, fmt.Errorf("receive: %w", err)
+			}
+			if time.Since(heard) >= b.opts.HeartbeatTimeout {
+				return wasLive, errors.New("heartbeat timeout")
+			}
+			if !pingSent {
+				pctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatInterval)
+				err := ps.Ping(pctx)
+				cancel()
+				if err != nil {
+					return wasLive, fmt.Errorf("ping: %w", err)
+				}
+				pingSent = true
+			}
+			continue
+		}
+		heard = time.Now()
+		pingSent = false
+		b.lastHeard.Store(heard.UnixNano())
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind != "subscribe" && m.Kind != "ssubscribe" {
+				return wasLive, fmt.Errorf("server sent %s", m.Kind)
+			}
+			// Everything published while we were not subscribed is lost:
+			// let handlers resync, then trust the stream under a new epoch.
+			if err := b.resync(ctx); err != nil {
+				return wasLive, fmt.Errorf("resync: %w", err)
+			}
+			// A confirmation can only arrive after a dead period (the epoch
+			// is odd), so setLive always moves to a fresh even epoch.
+			b.setLive(true)
+			wasLive = true
+			if !*first {
+				b.reconnects.Add(1)
+				b.logf(slog.LevelInfo, "tiercache: invalidation stream regained; L1 flushed")
+			}
+			*first = false
+		case *redis.Message:
+			b.dispatch(m.Payload)
+		case *redis.Pong:
+		}
+	}
+}
+
+func (b *Bus) resync(ctx context.Context) error {
+	b.mu.RLock()
+	hs := make([]Handler, 0, len(b.handlers))
+	for _, h := range b.handlers {
+		hs = append(hs, h)
+	}
+	b.mu.RUnlock()
+	ctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
+	defer cancel()
+	for _, h := range hs {
+		if err := h.Resync(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *Bus) dispatch(payload string) {
+	b.received.Add(1)
+	var m Message
+	if err := m.UnmarshalBinary([]byte(payload)); err != nil {
+		b.malformed.Add(1)
+		return
+	}
+	if m.Origin == b.origin {
+		// Our own write: the writer invalidated its L1 locally after the
+		// write returned, which covers every fill that could have raced
+		// with it. Applying the echo would only evict the next fresh entry.
+		b.own.Add(1)
+		return
+	}
+	b.mu.RLock()
+	h := b.handlers[m.Namespace]
+	b.mu.RUnlock()
+	if h == nil {
+		b.ignored.Add(1)
+		return
+	}
+	switch m.Kind {
+	case KindKeys:
+		h.Invalidate(m.Keys)
+	case KindFlush:
+		h.Flush(m.Gen)
+	}
+	b.applied.Add(1)
+}

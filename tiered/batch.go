@@ -1,0 +1,260 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// writeScript stores each KEYS[i] with payload ARGV[2i+1] for ARGV[2i+2]
+// milliseconds, then publishes ARGV[2] on channel ARGV[1]: the mutation and
+// its invalidation in one atomic round trip.
+var writeScript = redis.NewScript(`
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2*i+1], 'PX', ARGV[2*i+2])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return #KEYS`)
+
+// delScript deletes KEYS and publishes ARGV[2] on ARGV[1] (plain-JSON mode,
+// where a tombstone would not be JSON).
+var delScript = redis.NewScript(`
+for i = 1, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return #KEYS`)
+
+// batchLimit is how many keys one write script carries; larger batches are
+// split, each part with its own invalidation.
+const batchLimit = 1000
+
+// GetMany returns the values stored under keys; missing keys are absent from
+// the map. L1 hits are served first; the rest are read from Redis in one
+// pipelined round trip. On error the map holds what was found before it.
+func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, error) {
+	for _, k := range keys {
+		if err := c.checkKey(k); err != nil {
+			return nil, err
+		}
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
+	out := make(map[string]V, len(keys))
+	var missing []string
+	for _, k := range keys {
+		if _, dup := out[k]; dup {
+			continue
+		}
+		if c.l1 != nil {
+			h := xxhash.Sum64String(k)
+			if e, hit := c.l1.Get(h); hit {
+				if c.valid(e, h, k) {
+					v, _, err := c.readEntry(e)
+					if err != nil {
+						return out, err
+					}
+					out[k] = v
+					continue
+				}
+				c.st.l1Rejected.Add(1)
+			}
+		}
+		missing = append(missing, k)
+	}
+	if len(missing) == 0 {
+		return out, nil
+	}
+	if c.rdb == nil {
+		c.st.l1Misses.Add(uint64(len(missing)))
+		return out, nil
+	}
+	ctx, cancel := c.opCtx(ctx)
+	defer cancel()
+	snaps := make([]snapshot, len(missing))
+	for i, k := range missing {
+		snaps[i] = c.snap(xxhash.Sum64String(k))
+	}
+	gen, err := c.generation(ctx, snaps[0])
+	if err != nil {
+		return out, err
+	}
+	pipe := c.rdb.Pipeline()
+	gets := make([]*redis.StringCmd, len(missing))
+	ttls := make([]*redis.DurationCmd, len(missing))
+	for i, k := range missing {
+		dk := c.dataKey(gen, k)
+		gets[i] = pipe.Get(ctx, dk)
+		ttls[i] = pipe.PTTL(ctx, dk)
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		c.st.errors.Add(1)
+		return out, fmt.Errorf("tiered: get many: %w", err)
+	}
+	for i, k := range missing {
+		raw, err := gets[i].Bytes()
+		if err != nil {
+			c.st.l2Misses.Add(1)
+			continue
+		}
+		v, payload, found, err := c.decode(raw)
+		if err != nil {
+			c.dropCorrupt(ctx, c.dataKey(gen, k), raw)
+		}
+		if err != nil || !found {
+			c.st.l2Misses.Add(1)
+			continue
+		}
+		c.st.l2Hits.Add(1)
+		c.fill(k, xxhash.Sum64String(k), snaps[i], v, payload, len(raw), ttls[i].Val())
+		if c.opts.CopyOnRead {
+			if v, _, err = c.copyValue(v); err != nil {
+				return out, err
+			}
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+func (c *Cache[V]) readEntry(e *entry[V]) (V, bool, error) {
+	if c.opts.CopyOnRead {
+		return c.decodeCopy(e)
+	}
+	return e.val, true, nil
+}
+
+// SetMany stores every item for ttl (0 means Options.TTL), like Set, with
+// one invalidation message per batch of up to 1,000 keys, each batch one
+// atomic round trip.
+func (c *Cache[V]) SetMany(ctx context.Context, items map[string]V, ttl time.Duration) error {
+	if ttl < 0 {
+		return fmt.Errorf("%w: %v", ErrInvalidTTL, ttl)
+	}
+	if ttl == 0 {
+		ttl = c.opts.TTL
+	}
+	keys := make([]string, 0, len(items))
+	payloads := make([][]byte, 0, len(items))
+	for k, v := range items {
+		if err := c.checkKey(k); err != nil {
+			return err
+		}
+		p, err := c.encodeValue(v)
+		if err != nil {
+			return fmt.Errorf("tiered: set %q: %w", k, err)
+		}
+		keys = append(keys, k)
+		payloads = append(payloads, p)
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return err
+	}
+	defer leave()
+	if c.rdb == nil {
+		for i, k := range keys {
+			c.setMemory(k, items[k], payloads[i], ttl)
+		}
+		return nil
+	}
+	return c.write(ctx, keys, func(i int) ([]byte, time.Duration) { return payloads[i], c.jitter(ttl) }, writeScript)
+}
+
+// DeleteMany deletes keys like Delete, in batches like SetMany.
+func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
+	for _, k := range keys {
+		if err := c.checkKey(k); err != nil {
+			return err
+		}
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return err
+	}
+	defer leave()
+	if c.rdb == nil {
+		for _, k := range keys {
+			c.invalidateLocal(k)
+		}
+		return nil
+	}
+	script := writeScript
+	if c.opts.PlainJSON {
+		script = delScript
+	}
+	return c.write(ctx, keys, func(int) ([]byte, time.Duration) { return tombstone(), c.opts.TombstoneTTL }, script)
+}
+
+// write runs script over keys in batches. The local invalidation happens
+// whatever the outcome: after a failed write this instance's L1 must not
+// keep serving what it held before.
+func (c *Cache[V]) write(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration), script *redis.Script) error {
+	ctx, cancel := c.opCtx(ctx)
+	defer cancel()
+	gen, err := c.generation(ctx, c.snap(0))
+	if err != nil {
+		for _, k := range keys {
+			c.invalidateLocal(k)
+		}
+		return err
+	}
+	var errs []error
+	for start := 0; start < len(keys); start += batchLimit {
+		part := keys[start:min(start+batchLimit, len(keys))]
+		msg, err := c.bus.KeysMessage(c.name, part)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		dks := make([]string, len(part))
+		args := make([]any, 0, 2+2*len(part))
+		args = append(args, c.bus.Channel(), msg)
+		for i, k := range part {
+			dks[i] = c.dataKey(gen, k)
+			p, ttl := item(start + i)
+			args = append(args, p, strconv.FormatInt(max(ttl.Milliseconds(), 1), 10))
+		}
+		if err := script.Run(ctx, c.rdb, dks, args...).Err(); err != nil {
+			c.st.errors.Add(1)
+			errs = append(errs, fmt.Errorf("tiered: write %d keys: %w", len(part), err))
+		} else {
+			c.st.writes.Add(uint64(len(part)))
+		}
+		for _, k := range part {
+			c.invalidateLocal(k)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// setMemory stores a value in L1 in ModeMemory: invalidate first, so no
+// earlier entry survives, then store under the new snapshot.
+func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration) {
+	if c.l1 == nil {
+		return
+	}
+	c.invalidateLocal(key)
+	h := xxhash.Sum64String(key)
+	ttl = min(c.jitter(ttl), c.jitter(c.opts.L1TTL))
+	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load()}
+	if c.opts.CopyOnRead {
+		e.raw, _ = encode(c.opts.Codec, v)
+	}
+	if c.l1.SetWithTTL(h, e, int64(len(payload)+len(key)+entryCost), ttl) {
+		c.l1.Wait()
+	}
+	c.st.writes.Add(1)
+}
+
+var _ invalidate.Handler = handler[int]{}

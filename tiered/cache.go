@@ -1,0 +1,516 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/dgraph-io/ristretto/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/flight"
+	"github.com/tiercache/tiercache/internal/wire"
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// stripeCount is the number of invalidation counters per cache. A key's
+// stripe is the low bits of its hash; an invalidation bumps the stripe and
+// so voids every L1 entry of that stripe filled before it. 65,536 counters
+// (512 KiB) keep false invalidations rare.
+const (
+	stripeCount = 1 << 16
+	stripeMask  = stripeCount - 1
+	entryCost   = 64 // bytes charged per L1 entry beyond key and payload
+)
+
+// entry is what L1 holds: the decoded value plus the fence snapshot taken
+// before the read that produced it. It is immutable once stored.
+type entry[V any] struct {
+	key    string
+	val    V
+	raw    []byte // the encoded payload, kept only with CopyOnRead
+	stripe uint64
+	ns     uint64
+	epoch  uint64
+}
+
+// snapshot is the fence state read before an L2 read or a load.
+type snapshot struct{ stripe, ns, epoch uint64 }
+
+// Cache is a two-tier cache of values of type V for one namespace: an L1 in
+// process memory in front of Redis, kept coherent across instances by an
+// invalidate.Bus. See the package documentation for its guarantees.
+//
+// All methods are safe for concurrent use. Values returned by reads are
+// shared with the cache and other callers: treat them as read-only, or set
+// Options.CopyOnRead.
+type Cache[V any] struct {
+	name string
+	opts Options
+	rdb  redis.UniversalClient // nil in ModeMemory
+	bus  *invalidate.Bus       // nil in ModeMemory
+	l1   *ristretto.Cache[uint64, *entry[V]]
+
+	stripes []atomic.Uint64
+	nsEpoch atomic.Uint64 // bumped by Clear and received flushes
+	nsGen   atomic.Uint64 // the namespace's L2 generation (part of every key)
+	base    string        // <prefix><name>:<schema>:
+	genKey  string
+
+	flights    *flight.Group[readResult[V]]
+	unregister func()
+
+	// closing is set first by Close so new calls fail fast; mu's write lock
+	// then waits for the slow-path calls already inside.
+	closing   atomic.Bool
+	mu        sync.RWMutex
+	closeOnce sync.Once
+	start     time.Time
+
+	st counters
+
+	// afterL2Read, when set by a test, runs between an L2 read and the L1
+	// store of its result: the seam for forcing fill races.
+	afterL2Read func(key string)
+	// afterApply, when set by a test, runs after a received message has
+	// been applied: the signal tests await instead of sleeping.
+	afterApply func()
+}
+
+type readResult[V any] struct {
+	val   V
+	found bool
+}
+
+// New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').
+// rdb and bus are required in ModeTiered and ModeRedis and may be nil in
+// ModeMemory. Many caches may share one client and one Bus; the Cache does
+// not close either. Call Close when done.
+func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opts Options) (*Cache[V], error) {
+	if name == "" || len(name) > 255 {
+		return nil, fmt.Errorf("tiered: namespace length %d out of range 1..255", len(name))
+	}
+	if !utf8.ValidString(name) || strings.ContainsAny(name, ":{}") {
+		return nil, fmt.Errorf("tiered: namespace %q must be UTF-8 without ':', '{' or '}'", name)
+	}
+	if opts.Mode == ModeRedis && bus == nil {
+		return nil, errors.New("tiered: ModeRedis needs a Bus so writes reach other instances")
+	}
+	opts, err := opts.withDefaults(bus)
+	if err != nil {
+		return nil, err
+	}
+	c := &Cache[V]{
+		name:    name,
+		opts:    opts,
+		stripes: make([]atomic.Uint64, stripeCount),
+		base:    opts.KeyPrefix + name + ":" + opts.Schema + ":",
+		flights: flight.New[readResult[V]](),
+		start:   time.Now(),
+	}
+	c.genKey = c.base + "nsgen"
+	if opts.Mode != ModeMemory {
+		if rdb == nil {
+			return nil, fmt.Errorf("tiered: %v mode needs a Redis client", opts.Mode)
+		}
+		c.rdb, c.bus = rdb, bus
+	}
+	if opts.Mode != ModeRedis && opts.L1TTL > 0 {
+		c.l1, err = ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
+			NumCounters: max(1000, opts.L1MaxCost/100),
+			MaxCost:     opts.L1MaxCost,
+			BufferItems: 64,
+			Metrics:     true,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("tiered: L1: %w", err)
+		}
+	}
+	if c.bus != nil {
+		// Register before reading the generation, so a flush published
+		// in between is not missed.
+		c.unregister, err = c.bus.Register(name, handler[V]{c})
+		if err != nil {
+			c.teardown()
+			return nil, err
+		}
+		if !opts.PlainJSON {
+			ctx, cancel := context.WithTimeout(context.Background(), max(opts.CommandTimeout, time.Second))
+			err = c.resync(ctx)
+			cancel()
+			if err != nil {
+				c.teardown()
+				return nil, fmt.Errorf("tiered: read namespace generation: %w", err)
+			}
+		}
+	}
+	return c, nil
+}
+
+// Name is the cache's namespace.
+func (c *Cache[V]) Name() string { return c.name }
+
+// Mode is the cache's mode.
+func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
+
+// Get returns the value stored under key. A miss is not an error: ok is
+// false and err nil. err reports that the cache could not answer (Redis
+// unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
+// Redis count as a miss and are deleted.
+//
+// An L1 hit takes no lock and allocates nothing. On an L1 miss, concurrent
+// Gets of one key share one Redis round trip; each caller waits only as long
+// as its own ctx allows.
+func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
+	if c.l1 != nil && !c.closing.Load() {
+		h := xxhash.Sum64String(key)
+		if e, hit := c.l1.Get(h); hit {
+			if c.valid(e, h, key) {
+				if c.opts.CopyOnRead {
+					return c.decodeCopy(e)
+				}
+				return e.val, true, nil
+			}
+			c.st.l1Rejected.Add(1)
+		}
+	}
+	return c.getSlow(ctx, key)
+}
+
+// valid is the fence: an L1 entry counts only if nothing that could have
+// changed its key happened since the read that produced it.
+func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
+	return e.key == key &&
+		e.stripe == c.stripes[h&stripeMask].Load() &&
+		e.ns == c.nsEpoch.Load() &&
+		e.epoch == c.busEpoch()
+}
+
+func (c *Cache[V]) busEpoch() uint64 {
+	if c.bus == nil {
+		return 0
+	}
+	return c.bus.Epoch()
+}
+
+func (c *Cache[V]) snap(h uint64) snapshot {
+	return snapshot{stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: c.busEpoch()}
+}
+
+func (c *Cache[V]) current(h uint64, s snapshot) bool {
+	return s == c.snap(h) && s.epoch&1 == 0
+}
+
+func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err error) {
+	if err := c.checkKey(key); err != nil {
+		return v, false, err
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return v, false, err
+	}
+	defer leave()
+	if c.rdb == nil {
+		c.st.l1Misses.Add(1)
+		return v, false, nil
+	}
+	r, err, _ := c.flights.Do(ctx, "g"+key, c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
+		return c.readL2(ctx, key)
+	})
+	if err != nil {
+		c.st.errors.Add(1)
+		return v, false, err
+	}
+	if r.found && c.opts.CopyOnRead {
+		// The shared decoded value went to L1; give this caller its own.
+		return c.copyValue(r.val)
+	}
+	return r.val, r.found, nil
+}
+
+// readL2 reads key from Redis with its remaining TTL and, unless an
+// invalidation intervened, stores the decoded value in L1.
+func (c *Cache[V]) readL2(ctx context.Context, key string) (readResult[V], error) {
+	h := xxhash.Sum64String(key)
+	s := c.snap(h)
+	gen, err := c.generation(ctx, s)
+	if err != nil {
+		return readResult[V]{}, err
+	}
+	dk := c.dataKey(gen, key)
+	pipe := c.rdb.Pipeline()
+	get := pipe.Get(ctx, dk)
+	pttl := pipe.PTTL(ctx, dk)
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return readResult[V]{}, fmt.Errorf("tiered: get %q: %w", key, err)
+	}
+	raw, err := get.Bytes()
+	if errors.Is(err, redis.Nil) {
+		c.st.l2Misses.Add(1)
+		return readResult[V]{}, nil
+	}
+	val, payload, found, err := c.decode(raw)
+	if err != nil {
+		c.dropCorrupt(ctx, dk, raw)
+		c.st.l2Misses.Add(1)
+		return readResult[V]{}, nil
+	}
+	if !found { // a tombstone
+		c.st.l2Misses.Add(1)
+		return readResult[V]{}, nil
+	}
+	c.st.l2Hits.Add(1)
+	if c.afterL2Read != nil {
+		c.afterL2Read(key)
+	}
+	c.fill(key, h, s, val, payload, len(raw), pttl.Val())
+	return readResult[V]{val: val, found: true}, nil
+}
+
+// generation returns the namespace generation to build keys with. While the
+// Bus is live, flush messages keep the cached one current; otherwise a
+// flush may have been missed, so it is read from Redis.
+func (c *Cache[V]) generation(ctx context.Context, s snapshot) (uint64, error) {
+	if c.opts.PlainJSON || s.epoch&1 == 0 {
+		return c.nsGen.Load(), nil
+	}
+	if err := c.resync(ctx); err != nil {
+		return 0, fmt.Errorf("tiered: read namespace generation: %w", err)
+	}
+	return c.nsGen.Load(), nil
+}
+
+func (c *Cache[V]) resync(ctx context.Context) error {
+	g, err := c.rdb.Get(ctx, c.genKey).Uint64()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return err
+	}
+	c.nsGen.Store(g)
+	return nil
+}
+
+// fill stores a value read under snapshot s in L1, unless the snapshot is
+// already stale. A stale fill that slips past this check is still harmless:
+// valid rejects it on every read. The Wait makes the entry visible before the
+// fill returns, so a later read cannot start a second fill whose queued Set
+// ristretto would drop in favour of this one (pitfalls R1, R3): reads on one
+// instance stay monotonic.
+func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte, size int, l2TTL time.Duration) {
+	if c.l1 == nil || !c.current(h, s) {
+		return
+	}
+	ttl := c.jitter(c.opts.L1TTL)
+	switch {
+	case l2TTL == -2: // the key vanished between GET and PTTL
+		return
+	case l2TTL >= 0 && l2TTL < ttl:
+		ttl = l2TTL
+	}
+	if ttl <= 0 {
+		return
+	}
+	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch}
+	if c.opts.CopyOnRead {
+		e.raw = payload
+	}
+	if c.l1.SetWithTTL(h, e, int64(size+len(key)+entryCost), ttl) {
+		c.l1.Wait()
+	}
+}
+
+// Set stores v under key in Redis for ttl (0 means Options.TTL) and
+// invalidates it in every instance's L1, the writer's included: the next
+// read anywhere fetches v. The write and its invalidation reach Redis in one
+// script, so neither happens without the other.
+//
+// If Set returns an error the write may or may not have been applied (for
+// example when ctx expired after the command was sent); the local L1 is
+// invalidated either way. In ModeMemory Set stores v in L1 only, best
+// effort: L1 admission may drop it.
+func (c *Cache[V]) Set(ctx context.Context, key string, v V, ttl time.Duration) error {
+	return c.SetMany(ctx, map[string]V{key: v}, ttl)
+}
+
+// Delete removes key from Redis and from every instance's L1. It leaves a
+// short-lived tombstone (Options.TombstoneTTL) so that a load that read the
+// old value before the delete cannot store it afterwards.
+func (c *Cache[V]) Delete(ctx context.Context, key string) error {
+	return c.DeleteMany(ctx, key)
+}
+
+// Exists reports whether key holds a value, without decoding it.
+func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
+	if err := c.checkKey(key); err != nil {
+		return false, err
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return false, err
+	}
+	defer leave()
+	if c.l1 != nil {
+		h := xxhash.Sum64String(key)
+		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
+			return true, nil
+		}
+	}
+	if c.rdb == nil {
+		return false, nil
+	}
+	ctx, cancel := c.opCtx(ctx)
+	defer cancel()
+	gen, err := c.generation(ctx, c.snap(0))
+	if err != nil {
+		return false, err
+	}
+	head, err := c.rdb.GetRange(ctx, c.dataKey(gen, key), 0, wire.HeaderSize-1).Bytes()
+	if err != nil {
+		return false, fmt.Errorf("tiered: exists %q: %w", key, err)
+	}
+	if c.opts.PlainJSON {
+		return len(head) > 0, nil
+	}
+	return len(head) == wire.HeaderSize && wire.IsEnvelope(head) &&
+		head[3]&byte(wire.FlagTombstone|wire.FlagNegative) == 0, nil
+}
+
+// invalidateLocal voids key in this process: bump its stripe (every entry
+// filled before now is rejected), drop the entry, and detach any in-flight
+// read so a later caller does not join a read that started before.
+func (c *Cache[V]) invalidateLocal(key string) {
+	h := xxhash.Sum64String(key)
+	c.stripes[h&stripeMask].Add(1)
+	if c.l1 != nil {
+		c.l1.Del(h)
+	}
+	c.flights.Forget("g" + key)
+}
+
+func (c *Cache[V]) checkKey(key string) error {
+	switch {
+	case key == "":
+		return fmt.Errorf("%w: empty key", ErrInvalidKey)
+	case len(key) > c.opts.MaxKeyLen:
+		return fmt.Errorf("%w: length %d exceeds %d", ErrInvalidKey, len(key), c.opts.MaxKeyLen)
+	}
+	return nil
+}
+
+// dataKey is where key lives in Redis. The braces make the key's hash tag,
+// so a key and anything derived from it share a cluster slot.
+func (c *Cache[V]) dataKey(gen uint64, key string) string {
+	if c.opts.PlainJSON {
+		return c.opts.KeyPrefix + key
+	}
+	return c.base + strconv.FormatUint(gen, 10) + ":{" + key + "}"
+}
+
+// enter admits a slow-path call unless the cache is closing; leave must be
+// called when it is done.
+func (c *Cache[V]) enter() (leave func(), err error) {
+	c.mu.RLock()
+	if c.closing.Load() {
+		c.mu.RUnlock()
+		return nil, ErrClosed
+	}
+	return c.mu.RUnlock, nil
+}
+
+// opCtx bounds one Redis round trip by Options.CommandTimeout.
+func (c *Cache[V]) opCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	if c.opts.CommandTimeout > 0 {
+		return context.WithTimeout(ctx, c.opts.CommandTimeout)
+	}
+	return ctx, func() {}
+}
+
+// jitter shortens d by a random fraction up to Options.TTLJitter.
+func (c *Cache[V]) jitter(d time.Duration) time.Duration {
+	if c.opts.TTLJitter <= 0 || d <= 0 {
+		return d
+	}
+	return d - time.Duration(rand.Float64()*c.opts.TTLJitter*float64(d))
+}
+
+// Close stops the cache: later calls return ErrClosed, in-flight reads are
+// cancelled and waited for, the cache leaves the Bus, and L1 is released. It
+// does not close the Redis client or the Bus. It is idempotent and safe to
+// call concurrently.
+//
+// An L1 hit takes no lock, so Close cannot wait for Gets that are already
+// past their first check; finish serving requests (http.Server.Shutdown)
+// before closing the cache, as ristretto's Close is not safe against a
+// concurrent Get.
+func (c *Cache[V]) Close() error {
+	c.closeOnce.Do(func() {
+		c.closing.Store(true)
+		c.flights.Close()
+		c.mu.Lock() // waits for slow-path calls already inside
+		c.mu.Unlock()
+		c.teardown()
+	})
+	return nil
+}
+
+func (c *Cache[V]) teardown() {
+	if c.unregister != nil {
+		c.unregister()
+	}
+	c.flights.Close()
+	if c.l1 != nil {
+		c.l1.Close()
+	}
+}
+
+// handler receives this cache's messages from the Bus.
+type handler[V any] struct{ c *Cache[V] }
+
+func (h handler[V]) Invalidate(keys []string) {
+	leave, err := h.c.enter()
+	if err != nil {
+		return
+	}
+	defer leave()
+	for _, k := range keys {
+		h.c.invalidateLocal(k)
+	}
+	if h.c.afterApply != nil {
+		h.c.afterApply()
+	}
+}
+
+func (h handler[V]) Flush(gen uint64) {
+	leave, err := h.c.enter()
+	if err != nil {
+		return
+	}
+	defer leave()
+	h.c.nsGen.Store(gen)
+	h.c.nsEpoch.Add(1)
+	if h.c.afterApply != nil {
+		h.c.afterApply()
+	}
+}
+
+func (h handler[V]) Resync(ctx context.Context) error {
+	leave, err := h.c.enter()
+	if err != nil {
+		return nil
+	}
+	defer leave()
+	if h.c.opts.PlainJSON {
+		return nil
+	}
+	return h.c.resync(ctx)
+}
+
+// hashKey is the L1 key and stripe source for a cache key.
+func hashKey(key string) uint64 { return xxhash.Sum64String(key) }

@@ -1,0 +1,440 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+type user struct {
+	ID    int      `json:"id" msgpack:"id"`
+	Name  string   `json:"name" msgpack:"name"`
+	Roles []string `json:"roles" msgpack:"roles"`
+}
+
+var modes = []struct {
+	name string
+	opts Options
+}{
+	{"tiered", Options{}},
+	{"tiered-msgpack", Options{Codec: Msgpack}},
+	{"tiered-compressed", Options{CompressAbove: 8}},
+	{"tiered-copy", Options{CopyOnRead: true}},
+	{"plainjson", Options{PlainJSON: true}},
+	{"redis", Options{Mode: ModeRedis}},
+	{"memory", Options{Mode: ModeMemory}},
+}
+
+// TestCache_API runs every public method in every mode against real Redis.
+func TestCache_API(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			c := newCache[user](t, m.opts)
+			ctx := ctxT(t)
+			alice := user{ID: 1, Name: "alice", Roles: []string{"admin"}}
+			bob := user{ID: 2, Name: strings.Repeat("bob", 20), Roles: []string{}}
+
+			// Get of a missing key is a miss, not an error.
+			if v, ok, err := c.Get(ctx, "u1"); ok || err != nil {
+				t.Fatalf("Get(missing) = %v, %v, %v; want miss", v, ok, err)
+			}
+			if ok, err := c.Exists(ctx, "u1"); ok || err != nil {
+				t.Fatalf("Exists(missing) = %v, %v", ok, err)
+			}
+			if err := c.Set(ctx, "u1", alice, 0); err != nil {
+				t.Fatalf("Set: %v", err)
+			}
+			for i := range 3 { // first read fills L1, later ones hit it
+				v, ok, err := c.Get(ctx, "u1")
+				if err != nil || !ok || v.Name != "alice" || !slices.Equal(v.Roles, alice.Roles) {
+					t.Fatalf("Get #%d = %+v, %v, %v; want %+v", i, v, ok, err, alice)
+				}
+			}
+			if ok, err := c.Exists(ctx, "u1"); !ok || err != nil {
+				t.Fatalf("Exists(u1) = %v, %v; want true", ok, err)
+			}
+
+			// Overwrite is visible to the writer at once.
+			if err := c.Set(ctx, "u1", bob, time.Minute); err != nil {
+				t.Fatalf("Set: %v", err)
+			}
+			if v, ok, _ := c.Get(ctx, "u1"); !ok || v.Name != bob.Name {
+				t.Fatalf("Get after overwrite = %+v, %v; want %+v", v, ok, bob)
+			}
+
+			// Batch operations.
+			items := map[string]user{"b1": {ID: 11}, "b2": {ID: 12}, "b3": {ID: 13}}
+			if err := c.SetMany(ctx, items, 0); err != nil {
+				t.Fatalf("SetMany: %v", err)
+			}
+			got, err := c.GetMany(ctx, []string{"b1", "b2", "b3", "nope", "b1"})
+			if err != nil || len(got) != 3 || got["b2"].ID != 12 {
+				t.Fatalf("GetMany = %v, %v; want b1..b3", got, err)
+			}
+			got, _ = c.GetMany(ctx, []string{"b1", "b2", "b3"}) // from L1 now
+			if len(got) != 3 || got["b3"].ID != 13 {
+				t.Fatalf("GetMany (warm) = %v", got)
+			}
+			if err := c.DeleteMany(ctx, "b1", "b2"); err != nil {
+				t.Fatalf("DeleteMany: %v", err)
+			}
+			got, _ = c.GetMany(ctx, []string{"b1", "b2", "b3"})
+			if len(got) != 1 || got["b3"].ID != 13 {
+				t.Fatalf("GetMany after DeleteMany = %v; want only b3", got)
+			}
+
+			// Delete.
+			if err := c.Delete(ctx, "u1"); err != nil {
+				t.Fatalf("Delete: %v", err)
+			}
+			if v, ok, err := c.Get(ctx, "u1"); ok || err != nil {
+				t.Fatalf("Get after Delete = %+v, %v, %v; want miss", v, ok, err)
+			}
+			if ok, _ := c.Exists(ctx, "u1"); ok {
+				t.Fatalf("Exists after Delete = true")
+			}
+
+			// DeletePattern.
+			_ = c.SetMany(ctx, map[string]user{"p:1": {ID: 1}, "p:2": {ID: 2}, "q:1": {ID: 3}}, 0)
+			_, _ = c.GetMany(ctx, []string{"p:1", "p:2", "q:1"})
+			n, err := c.DeletePattern(ctx, "p:*")
+			if err != nil {
+				t.Fatalf("DeletePattern: %v", err)
+			}
+			if m.opts.Mode != ModeMemory && n != 2 {
+				t.Fatalf("DeletePattern = %d, want 2", n)
+			}
+			got, _ = c.GetMany(ctx, []string{"p:1", "p:2", "q:1"})
+			if _, ok := got["p:1"]; ok {
+				t.Fatalf("p:1 survived DeletePattern: %v", got)
+			}
+			if m.opts.Mode != ModeMemory && got["q:1"].ID != 3 {
+				t.Fatalf("q:1 lost by DeletePattern(p:*): %v", got)
+			}
+
+			// Clear.
+			_ = c.Set(ctx, "c1", alice, 0)
+			if err := c.Clear(ctx); err != nil {
+				t.Fatalf("Clear: %v", err)
+			}
+			if v, ok, err := c.Get(ctx, "c1"); ok || err != nil {
+				t.Fatalf("Get after Clear = %+v, %v, %v; want miss", v, ok, err)
+			}
+			if v, ok, _ := c.Get(ctx, "q:1"); ok {
+				t.Fatalf("Get(q:1) after Clear = %+v; want miss", v)
+			}
+			_ = c.Set(ctx, "c2", alice, 0) // the namespace works after Clear
+			if v, ok, _ := c.Get(ctx, "c2"); !ok || v.Name != "alice" {
+				t.Fatalf("Get after Clear+Set = %+v, %v", v, ok)
+			}
+
+			// Ping, Stats, Health.
+			if err := c.Ping(ctx); err != nil {
+				t.Fatalf("Ping: %v", err)
+			}
+			st := c.Stats()
+			if st.Type != c.Mode().String() || st.Writes == 0 || st.Uptime <= 0 {
+				t.Fatalf("Stats = %+v", st)
+			}
+			if m.opts.Mode != ModeRedis && (st.L1.Hits == 0 || st.Keys == 0 || st.Memory == 0) {
+				t.Fatalf("Stats.L1 = %+v (keys %d, memory %d); want L1 hits and keys", st.L1, st.Keys, st.Memory)
+			}
+			if m.opts.Mode != ModeMemory && st.L2.Hits == 0 {
+				t.Fatalf("Stats.L2 = %+v; want L2 hits", st.L2)
+			}
+			if h := c.Health(ctx); h.Status != "ok" || !h.Redis || !h.BusLive {
+				t.Fatalf("Health = %+v", h)
+			}
+		})
+	}
+}
+
+// TestCache_TTL checks that values expire from both tiers, and that an L1
+// entry never outlives the Redis key it came from (DESIGN guarantee 4).
+func TestCache_TTL(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{TTLJitter: -1, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	got := applied(f[1].c)
+	if err := f[0].c.Set(ctx, "k", "v", 300*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	<-got // f[1] has applied the write's invalidation; its next read fills L1
+	if v, ok, _ := f[1].c.Get(ctx, "k"); !ok || v != "v" {
+		t.Fatalf("Get = %q, %v", v, ok)
+	}
+	h := hashKey("k")
+	e, ok := f[1].c.l1.Get(h)
+	if !ok {
+		t.Fatal("entry not in L1 after a fill (fill waits for ristretto)")
+	}
+	_ = e
+	ttl, ok := f[1].c.l1.GetTTL(h)
+	if !ok || ttl > 300*time.Millisecond || ttl <= 0 {
+		t.Fatalf("L1 TTL = %v; want ≤ the 300ms left in Redis", ttl)
+	}
+	// Expiry publishes nothing; L1 must stop serving on its own.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		_, ok, _ := f[1].c.Get(ctx, "k")
+		if !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("value still served 2s after its 300ms TTL")
+		}
+		time.Sleep(20 * time.Millisecond) // polling an expiry: there is no event to await
+	}
+}
+
+func TestCache_Jitter(t *testing.T) {
+	c := newCache[string](t, Options{TTLJitter: 0.2})
+	seen := map[time.Duration]bool{}
+	for range 100 {
+		d := c.jitter(time.Hour)
+		if d > time.Hour || d < 48*time.Minute {
+			t.Fatalf("jitter(1h) = %v; want within [48m, 1h]", d)
+		}
+		seen[d] = true
+	}
+	if len(seen) < 50 {
+		t.Fatalf("jitter produced only %d distinct values in 100 draws", len(seen))
+	}
+	ctx := ctxT(t)
+	_ = c.Set(ctx, "j", "x", time.Hour)
+	pttl, _ := c.rdb.PTTL(ctx, c.dataKey(c.nsGen.Load(), "j")).Result()
+	if pttl > time.Hour || pttl < 47*time.Minute {
+		t.Fatalf("PTTL after Set(1h) = %v; want jittered below 1h", pttl)
+	}
+}
+
+// TestCache_BadInput: every bad input gets a clear error and loses nothing.
+func TestCache_BadInput(t *testing.T) {
+	c := newCache[string](t, Options{MaxKeyLen: 16, MaxValueSize: 64})
+	ctx := ctxT(t)
+	if err := c.Set(ctx, "keep", "safe", 0); err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("k", 17)
+	cases := []struct {
+		name string
+		err  error
+		want error
+	}{
+		{"Get empty key", second(c.Get(ctx, "")), ErrInvalidKey},
+		{"Get long key", second(c.Get(ctx, long)), ErrInvalidKey},
+		{"Set empty key", c.Set(ctx, "", "v", 0), ErrInvalidKey},
+		{"Set long key", c.Set(ctx, long, "v", 0), ErrInvalidKey},
+		{"Set huge value", c.Set(ctx, "big", strings.Repeat("x", 100), 0), ErrValueTooLarge},
+		{"Set negative ttl", c.Set(ctx, "neg", "v", -time.Second), ErrInvalidTTL},
+		{"Delete empty key", c.Delete(ctx, ""), ErrInvalidKey},
+		{"Exists empty key", errOf(c.Exists(ctx, "")), ErrInvalidKey},
+		{"GetMany with empty key", errOf(c.GetMany(ctx, []string{"keep", ""})), ErrInvalidKey},
+		{"SetMany with long key", c.SetMany(ctx, map[string]string{"ok": "v", long: "v"}, 0), ErrInvalidKey},
+		{"DeleteMany with empty key", c.DeleteMany(ctx, "keep", ""), ErrInvalidKey},
+		{"DeletePattern empty", errOf(c.DeletePattern(ctx, "")), ErrInvalidKey},
+	}
+	for _, tc := range cases {
+		if !errors.Is(tc.err, tc.want) {
+			t.Errorf("%s: err = %v, want %v", tc.name, tc.err, tc.want)
+		}
+	}
+	// Nothing was lost or half-written.
+	if v, ok, err := c.Get(ctx, "keep"); !ok || v != "safe" || err != nil {
+		t.Fatalf("Get(keep) = %q, %v, %v after bad input; want safe", v, ok, err)
+	}
+	for _, k := range []string{"big", "neg", "ok"} {
+		if ok, _ := c.Exists(ctx, k); ok {
+			t.Errorf("Exists(%q) = true after a rejected write", k)
+		}
+	}
+
+	// A cancelled context fails the call with the context's error.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, _, err := c.Get(cctx, "other"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Get(cancelled ctx) err = %v, want context.Canceled", err)
+	}
+	if err := c.Set(cctx, "other", "v", 0); !errors.Is(err, context.Canceled) {
+		t.Errorf("Set(cancelled ctx) err = %v, want context.Canceled", err)
+	}
+	// An unencodable value is an error, not a panic.
+	cf := newCache[func()](t, Options{})
+	if err := cf.Set(ctx, "f", func() {}, 0); err == nil {
+		t.Error("Set(func) succeeded; want an encode error")
+	}
+
+	// Bad options.
+	for _, o := range []Options{{TTL: -1}, {TTLJitter: 0.9}, {Mode: 9}, {Schema: "a:b"}, {MaxKeyLen: 1 << 20}} {
+		if _, err := New[string]("x", c.rdb, c.bus, o); err == nil {
+			t.Errorf("New(%+v) succeeded; want an error", o)
+		}
+	}
+	for _, name := range []string{"", "a:b", "a{b", strings.Repeat("n", 256), "\xff"} {
+		if _, err := New[string](name, c.rdb, c.bus, Options{}); err == nil {
+			t.Errorf("New(%q) succeeded; want an error", name)
+		}
+	}
+	if _, err := New[string]("x", c.rdb, nil, Options{}); err == nil {
+		t.Error("New(tiered, nil bus) succeeded")
+	}
+	first, err := New[string]("dup", c.rdb, c.bus, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if _, err := New[string]("dup", c.rdb, c.bus, Options{}); !errors.Is(err, invalidate.ErrDuplicateNamespace) {
+		t.Errorf("two caches of one namespace on one Bus: err = %v, want ErrDuplicateNamespace", err)
+	}
+}
+
+func second[V any](_ V, _ bool, err error) error { return err }
+func errOf[T any](_ T, err error) error          { return err }
+
+// TestCache_CorruptL2: undecodable bytes in Redis are a miss, get deleted and
+// counted; never a panic or a wrong value.
+func TestCache_CorruptL2(t *testing.T) {
+	for _, m := range modes {
+		if m.opts.Mode == ModeMemory {
+			continue
+		}
+		t.Run(m.name, func(t *testing.T) {
+			c := newCache[user](t, m.opts)
+			ctx := ctxT(t)
+			garbage := [][]byte{
+				{},
+				[]byte("not json"),
+				{0xFE, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, '{'}, // bad JSON in an envelope
+				{0xFE, 9, 1, 0}, // unknown version, short
+				{0xFE, 1, 77, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0}, // unknown codec
+				[]byte(`{"id":"not a number"}`),
+			}
+			for i, g := range garbage {
+				key := fmt.Sprintf("bad%d", i)
+				dk := c.dataKey(c.nsGen.Load(), key)
+				if err := c.rdb.Set(ctx, dk, g, time.Minute).Err(); err != nil {
+					t.Fatal(err)
+				}
+				before := c.Stats().Corrupt
+				v, ok, err := c.Get(ctx, key)
+				if ok || err != nil {
+					t.Fatalf("Get(%q) with %q = %+v, %v, %v; want a miss", key, g, v, ok, err)
+				}
+				if c.Stats().Corrupt != before+1 {
+					t.Fatalf("Corrupt = %d, want %d", c.Stats().Corrupt, before+1)
+				}
+				if n, _ := c.rdb.Exists(ctx, dk).Result(); n != 0 {
+					t.Fatalf("corrupt key %q still in Redis", dk)
+				}
+				got, err := c.GetMany(ctx, []string{key})
+				if len(got) != 0 || err != nil {
+					t.Fatalf("GetMany(corrupt) = %v, %v", got, err)
+				}
+			}
+		})
+	}
+}
+
+// TestCache_SharedValues documents that values are shared unless CopyOnRead.
+func TestCache_SharedValues(t *testing.T) {
+	ctx := ctxT(t)
+	for _, copyOnRead := range []bool{false, true} {
+		c := newCache[user](t, Options{CopyOnRead: copyOnRead})
+		_ = c.Set(ctx, "u", user{Roles: []string{"a"}}, 0)
+		v1, _, _ := c.Get(ctx, "u")
+		v2, _, _ := c.Get(ctx, "u")
+		v2.Roles[0] = "mutated"
+		v3, _, _ := c.Get(ctx, "u")
+		if copyOnRead && (v3.Roles[0] != "a" || v1.Roles[0] != "a") {
+			t.Fatalf("CopyOnRead: a caller's mutation reached the cache: %v", v3.Roles)
+		}
+		if !copyOnRead && v3.Roles[0] != "mutated" {
+			t.Fatalf("shared values: got %v; the test's premise (values are shared) is wrong", v3.Roles)
+		}
+	}
+}
+
+// TestCache_Close: Close is idempotent, safe concurrently, waits for
+// in-flight calls, and later calls fail with ErrClosed.
+func TestCache_Close(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	c := f[0].c
+	ctx := ctxT(t)
+	_ = c.Set(ctx, "k", "v", 0)
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; ; j++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				k := fmt.Sprintf("k%d", (i+j)%5)
+				var err error
+				switch j % 3 {
+				case 0:
+					err = c.Set(ctx, k, "v", 0)
+				case 1:
+					err = c.Delete(ctx, k)
+				default:
+					_, err = c.GetMany(ctx, []string{k, "k"})
+				}
+				if err != nil && !errors.Is(err, ErrClosed) {
+					t.Errorf("op %d: %v", j%3, err)
+					return
+				}
+			}
+		}()
+	}
+	// Remote writes keep the handler busy during Close.
+	for i := range 20 {
+		_ = f[1].c.Set(ctx, fmt.Sprintf("k%d", i%5), "w", 0)
+	}
+	var cwg sync.WaitGroup
+	for range 4 {
+		cwg.Add(1)
+		go func() { defer cwg.Done(); _ = c.Close() }()
+	}
+	cwg.Wait()
+	close(stop)
+	wg.Wait()
+	if err := c.Close(); err != nil {
+		t.Fatalf("second Close = %v", err)
+	}
+	if _, _, err := c.Get(ctx, "k"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Get after Close err = %v, want ErrClosed", err)
+	}
+	if err := c.Set(ctx, "k", "v", 0); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Set after Close err = %v, want ErrClosed", err)
+	}
+	if err := c.Ping(ctx); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Ping after Close err = %v, want ErrClosed", err)
+	}
+	// The namespace is free again on that Bus.
+	c2, err := New[string](c.name, f[0].rdb, f[0].bus, Options{KeyPrefix: srv.Prefix()})
+	if err != nil {
+		t.Fatalf("New after Close: %v", err)
+	}
+	c2.Close()
+}
+
+func TestParseMode(t *testing.T) {
+	for in, want := range map[string]Mode{"": ModeTiered, "redis": ModeTiered, "Memory": ModeMemory, " memory ": ModeMemory, "redis-only": ModeRedis} {
+		if got, err := ParseMode(in); got != want || err != nil {
+			t.Errorf("ParseMode(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	if _, err := ParseMode("disk"); err == nil {
+		t.Error("ParseMode(disk) succeeded")
+	}
+}

@@ -1,0 +1,162 @@
+package tiered
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"strings"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// clearScript bumps the namespace generation and publishes the flush
+// message ARGV[2] with the new generation appended as a uvarint: the old
+// keys become unreachable and every L1 drops the namespace, atomically.
+var clearScript = redis.NewScript(`
+local g = redis.call('INCR', KEYS[1])
+local n = g
+local s = ''
+while n >= 128 do
+  s = s .. string.char(n % 128 + 128)
+  n = math.floor(n / 128)
+end
+s = s .. string.char(n)
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. s)
+return g`)
+
+// Clear empties the namespace in O(1): it bumps the namespace's generation
+// in Redis, which every key name includes, so old keys are never read again
+// (they expire on their own), and publishes a flush that makes every
+// instance drop its L1 entries of the namespace. In plain-JSON mode, where
+// keys carry no generation, Clear deletes the prefix's keys with SCAN and
+// UNLINK instead.
+func (c *Cache[V]) Clear(ctx context.Context) error {
+	leave, err := c.enter()
+	if err != nil {
+		return err
+	}
+	defer leave()
+	defer c.nsEpoch.Add(1)
+	if c.rdb == nil {
+		return nil
+	}
+	if c.opts.PlainJSON {
+		_, err := c.deletePattern(ctx, "*", true)
+		return err
+	}
+	ctx, cancel := c.opCtx(ctx)
+	defer cancel()
+	prefix, err := c.bus.FlushMessagePrefix(c.name)
+	if err != nil {
+		return err
+	}
+	g, err := clearScript.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Uint64()
+	if err != nil {
+		c.st.errors.Add(1)
+		return fmt.Errorf("tiered: clear: %w", err)
+	}
+	c.nsGen.Store(g)
+	return nil
+}
+
+// DeletePattern deletes every key of the namespace matching the Redis glob
+// pattern (SCAN MATCH, never KEYS; UNLINK in batches, on every master of a
+// cluster) and invalidates them in every instance's L1 with one message, or
+// a namespace-wide L1 flush when more than 1,000 keys matched. It returns
+// how many keys it deleted. It leaves no tombstones: a load already in
+// flight may store its value after the delete.
+func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, error) {
+	if pattern == "" {
+		return 0, fmt.Errorf("%w: empty pattern", ErrInvalidKey)
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return 0, err
+	}
+	defer leave()
+	if c.rdb == nil {
+		c.nsEpoch.Add(1) // L1 cannot be scanned by pattern: drop it all
+		return 0, nil
+	}
+	return c.deletePattern(ctx, pattern, false)
+}
+
+func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool) (int, error) {
+	gen, err := c.generation(ctx, c.snap(0))
+	if err != nil {
+		return 0, err
+	}
+	match := c.dataKey(gen, pattern)
+	// The key layout around an empty user key: what to strip before and after.
+	before, after, _ := strings.Cut(c.dataKey(gen, ""), "{}")
+	before, after = before+"{", "}"+after
+	if c.opts.PlainJSON {
+		before, after = c.opts.KeyPrefix, ""
+	}
+	var keys []string
+	scan := func(ctx context.Context, rdb redis.UniversalClient) error {
+		it := rdb.Scan(ctx, 0, match, 1000).Iterator()
+		var batch []string
+		for it.Next(ctx) {
+			batch = append(batch, it.Val())
+			if len(batch) == 500 {
+				if err := rdb.Unlink(ctx, batch...).Err(); err != nil {
+					return err
+				}
+				keys = append(keys, batch...)
+				batch = batch[:0]
+			}
+		}
+		if err := it.Err(); err != nil {
+			return err
+		}
+		if len(batch) > 0 {
+			if err := rdb.Unlink(ctx, batch...).Err(); err != nil {
+				return err
+			}
+			keys = append(keys, batch...)
+		}
+		return nil
+	}
+	if cc, ok := c.rdb.(*redis.ClusterClient); ok {
+		err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { return scan(ctx, m) })
+	} else {
+		err = scan(ctx, c.rdb)
+	}
+	userKeys := make([]string, 0, len(keys))
+	for _, k := range keys {
+		if s, ok := strings.CutPrefix(k, before); ok {
+			if s, ok = strings.CutSuffix(s, after); ok && s != "" {
+				userKeys = append(userKeys, s)
+			}
+		}
+	}
+	for _, k := range userKeys {
+		c.invalidateLocal(k)
+	}
+	if len(userKeys) == 0 && !flush {
+		return 0, err
+	}
+	var msg []byte
+	var merr error
+	if flush || len(userKeys) > batchLimit {
+		c.nsEpoch.Add(1)
+		var p []byte
+		if p, merr = c.bus.FlushMessagePrefix(c.name); merr == nil {
+			msg = binary.AppendUvarint(p, gen)
+		}
+	} else {
+		msg, merr = c.bus.KeysMessage(c.name, userKeys)
+	}
+	if merr == nil {
+		merr = c.bus.Publish(ctx, msg)
+	}
+	if err == nil {
+		err = merr
+	}
+	if err != nil {
+		c.st.errors.Add(1)
+		return len(userKeys), fmt.Errorf("tiered: delete pattern %q: %w", pattern, err)
+	}
+	return len(userKeys), nil
+}

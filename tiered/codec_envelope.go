@@ -1,0 +1,103 @@
+package tiered
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/wire"
+)
+
+// encodeValue returns the bytes stored in Redis for v.
+func (c *Cache[V]) encodeValue(v V) ([]byte, error) {
+	payload, err := encode(c.opts.Codec, v)
+	if err != nil {
+		return nil, err
+	}
+	if len(payload) > c.opts.MaxValueSize {
+		return nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+	}
+	if c.opts.PlainJSON {
+		return payload, nil
+	}
+	return wire.AppendEnvelope(nil, wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}, c.opts.CompressAbove)
+}
+
+// tombstone returns the bytes Delete leaves behind.
+func tombstone() []byte {
+	b, err := wire.AppendEnvelope(nil, wire.Envelope{Flags: wire.FlagTombstone, WriteID: writeID()}, -1)
+	if err != nil {
+		panic(err) // cannot happen: a fixed, valid envelope
+	}
+	return b
+}
+
+func writeID() uint64 {
+	for {
+		if id := rand.Uint64(); id != 0 {
+			return id
+		}
+	}
+}
+
+// decode parses bytes read from Redis. found is false for tombstones and
+// negative entries. payload is the decoded (decompressed) payload.
+func (c *Cache[V]) decode(raw []byte) (v V, payload []byte, found bool, err error) {
+	if c.opts.PlainJSON {
+		if err := c.opts.Codec.Unmarshal(raw, &v); err != nil {
+			return v, nil, false, fmt.Errorf("%w: %v", wire.ErrCorrupt, err)
+		}
+		return v, raw, true, nil
+	}
+	env, err := wire.DecodeEnvelope(raw, c.opts.MaxValueSize)
+	if err != nil {
+		return v, nil, false, err
+	}
+	if env.Flags&(wire.FlagTombstone|wire.FlagNegative) != 0 {
+		return v, nil, false, nil
+	}
+	if env.Codec != c.opts.Codec.ID() {
+		return v, nil, false, fmt.Errorf("%w: codec %d, want %d", wire.ErrCorrupt, env.Codec, c.opts.Codec.ID())
+	}
+	if err := c.opts.Codec.Unmarshal(env.Payload, &v); err != nil {
+		return v, nil, false, fmt.Errorf("%w: %v", wire.ErrCorrupt, err)
+	}
+	return v, env.Payload, true, nil
+}
+
+// decodeCopy returns a private copy of an L1 entry's value (CopyOnRead).
+func (c *Cache[V]) decodeCopy(e *entry[V]) (v V, ok bool, err error) {
+	if err := c.opts.Codec.Unmarshal(e.raw, &v); err != nil {
+		return v, false, fmt.Errorf("tiered: copy on read: %w", err)
+	}
+	return v, true, nil
+}
+
+// copyValue returns a private copy of v through the codec (CopyOnRead).
+func (c *Cache[V]) copyValue(v V) (out V, ok bool, err error) {
+	b, err := encode(c.opts.Codec, v)
+	if err != nil {
+		return out, false, err
+	}
+	if err := c.opts.Codec.Unmarshal(b, &out); err != nil {
+		return out, false, fmt.Errorf("tiered: copy on read: %w", err)
+	}
+	return out, true, nil
+}
+
+// delIfEqual deletes a key only if it still holds the bytes we found
+// corrupt, so a concurrent good write is never lost.
+var delIfEqual = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+// dropCorrupt deletes undecodable bytes from Redis and counts them. The
+// caller treats the read as a miss.
+func (c *Cache[V]) dropCorrupt(ctx context.Context, dataKey string, raw []byte) {
+	c.st.corrupt.Add(1)
+	_ = delIfEqual.Run(ctx, c.rdb, []string{dataKey}, raw).Err()
+}

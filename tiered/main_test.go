@@ -1,0 +1,106 @@
+package tiered
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+
+	"github.com/tiercache/tiercache/internal/redistest"
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// srv is the package's Redis: a private redis-server, or REDIS_ADDR.
+var srv *redistest.Server
+
+func TestMain(m *testing.M) {
+	s, cleanup, err := redistest.NewShared()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tiered tests need Redis:", err)
+		os.Exit(1)
+	}
+	srv = s
+	code := m.Run()
+	cleanup()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+var nsSeq atomic.Uint64
+
+// namespace returns a namespace unique to this test run.
+func namespace(t testing.TB) string {
+	n := strings.NewReplacer("/", "-", ":", "-", "{", "(", "}", ")").Replace(t.Name())
+	if len(n) > 200 {
+		n = n[:200]
+	}
+	return fmt.Sprintf("%s-%d", n, nsSeq.Add(1))
+}
+
+// instance is one simulated process: its own client, Bus and Cache.
+type instance[V any] struct {
+	rdb *redis.Client
+	bus *invalidate.Bus
+	c   *Cache[V]
+}
+
+func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client) *invalidate.Bus {
+	t.Helper()
+	bus, err := invalidate.New(rdb, invalidate.Options{Prefix: s.Prefix()})
+	if err != nil {
+		t.Fatalf("invalidate.New: %v", err)
+	}
+	t.Cleanup(func() { bus.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := bus.WaitLive(ctx); err != nil {
+		t.Fatalf("bus.WaitLive: %v", err)
+	}
+	return bus
+}
+
+// newFleet starts n instances of one namespace on server s.
+func newFleet[V any](t testing.TB, s *redistest.Server, n int, opts Options) []*instance[V] {
+	t.Helper()
+	ns := namespace(t)
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = s.Prefix()
+	}
+	out := make([]*instance[V], n)
+	for i := range out {
+		rdb := s.Client(t)
+		var bus *invalidate.Bus
+		if opts.Mode != ModeMemory {
+			bus = newBus(t, s, rdb)
+		}
+		c, err := New[V](ns, rdb, bus, opts)
+		if err != nil {
+			t.Fatalf("New: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+		out[i] = &instance[V]{rdb: rdb, bus: bus, c: c}
+	}
+	return out
+}
+
+func newCache[V any](t testing.TB, opts Options) *Cache[V] {
+	t.Helper()
+	return newFleet[V](t, srv, 1, opts)[0].c
+}
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,215 @@
+package tiered
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// Mode selects the tiers a Cache uses.
+type Mode uint8
+
+const (
+	// ModeTiered (the default) keeps an L1 in process memory in front of
+	// Redis, kept coherent by the Bus.
+	ModeTiered Mode = iota
+	// ModeMemory runs the L1 alone: no Redis, no Bus. It is what
+	// CACHE_TYPE=memory selects, for rollback and for tests of code that
+	// embeds the cache. Nothing is shared between instances.
+	ModeMemory
+	// ModeRedis uses Redis alone, without an L1.
+	ModeRedis
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeTiered:
+		return "tiered"
+	case ModeMemory:
+		return "memory"
+	case ModeRedis:
+		return "redis"
+	}
+	return fmt.Sprintf("Mode(%d)", m)
+}
+
+// ParseMode maps the CACHE_TYPE values "redis" (and "tiered", ""), "memory"
+// and "redis-only" to a Mode.
+func ParseMode(s string) (Mode, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "", "redis", "tiered":
+		return ModeTiered, nil
+	case "memory":
+		return ModeMemory, nil
+	case "redis-only", "l2":
+		return ModeRedis, nil
+	}
+	return 0, fmt.Errorf("tiered: unknown cache type %q (want redis, memory or redis-only)", s)
+}
+
+// Defaults for Options.
+const (
+	DefaultTTL            = time.Hour
+	DefaultL1TTL          = time.Minute
+	DefaultTTLJitter      = 0.1
+	DefaultL1MaxCost      = 64 << 20
+	DefaultMaxKeyLen      = 1024
+	DefaultMaxValueSize   = 1 << 20
+	DefaultCompressAbove  = 1024
+	DefaultTombstoneTTL   = 30 * time.Second
+	DefaultSchema         = "1"
+	DefaultCommandTimeout = 500 * time.Millisecond
+)
+
+// Options configures a Cache. The zero value is valid: a tiered cache with
+// JSON values, an hour in Redis, a minute in L1, 64 MiB of L1.
+type Options struct {
+	// Mode selects the tiers. Zero is ModeTiered.
+	Mode Mode
+
+	// KeyPrefix starts every Redis key of this cache. Zero means the Bus's
+	// prefix (invalidate.DefaultPrefix). Keys are
+	// <KeyPrefix><namespace>:<Schema>:<generation>:{<key>} (docs/wire.md).
+	KeyPrefix string
+
+	// Schema versions the stored bytes: change it when V's encoding changes
+	// incompatibly, and old and new deployments read separate keys. Zero
+	// means DefaultSchema.
+	Schema string
+
+	// Codec encodes values for Redis. Nil means JSON.
+	Codec Codec
+
+	// PlainJSON stores JSON.stringify-compatible bytes with no envelope at
+	// exactly KeyPrefix+key, so a Node.js service and this cache can share L2
+	// during a migration. It forces the JSON codec and disables compression.
+	// Clear becomes a SCAN+UNLINK of the prefix, and Delete a plain DEL.
+	PlainJSON bool
+
+	// CompressAbove s2-compresses encoded values longer than this many
+	// bytes. Zero means DefaultCompressAbove; negative disables compression.
+	CompressAbove int
+
+	// TTL is how long a value lives in Redis when a write passes ttl 0.
+	// Zero means DefaultTTL.
+	TTL time.Duration
+
+	// L1TTL bounds how long an entry lives in process memory. It is a
+	// backstop only: invalidations and the Bus's liveness keep L1 coherent.
+	// An entry never outlives the Redis key it was read from. Zero means
+	// DefaultL1TTL; negative disables L1 (like ModeRedis).
+	L1TTL time.Duration
+
+	// TTLJitter shortens every TTL (L1 and L2) by a random fraction up to
+	// this much, so keys written together do not expire together. Zero means
+	// DefaultTTLJitter; negative disables jitter. At most 0.5.
+	TTLJitter float64
+
+	// L1MaxCost bounds L1 in bytes (approximate: encoded size plus key plus a
+	// fixed overhead per entry). Zero means DefaultL1MaxCost.
+	L1MaxCost int64
+
+	// MaxKeyLen rejects longer keys with ErrInvalidKey. Zero means
+	// DefaultMaxKeyLen.
+	MaxKeyLen int
+
+	// MaxValueSize rejects writes whose encoded value is larger, with
+	// ErrValueTooLarge, and reads of larger values are treated as corrupt.
+	// Zero means DefaultMaxValueSize.
+	MaxValueSize int
+
+	// CopyOnRead makes every read return a fresh copy decoded from the
+	// stored bytes, for callers that mutate what they get. It costs a decode
+	// and allocations on every L1 hit. Without it, values returned by the
+	// cache are shared and must be treated as read-only.
+	CopyOnRead bool
+
+	// TombstoneTTL is how long Delete leaves a tombstone in Redis so that a
+	// load that started before the delete cannot store its older value
+	// afterwards. It should exceed the longest load. Zero means
+	// DefaultTombstoneTTL.
+	TombstoneTTL time.Duration
+
+	// CommandTimeout bounds each Redis round trip the cache makes on a
+	// caller's behalf, in addition to the caller's ctx. Zero means
+	// DefaultCommandTimeout; negative means only ctx bounds it.
+	CommandTimeout time.Duration
+
+	// Logger receives rare state changes. Nil means silent.
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = invalidate.DefaultPrefix
+	}
+	if o.Schema == "" {
+		o.Schema = DefaultSchema
+	}
+	if o.Codec == nil || o.PlainJSON {
+		o.Codec = JSON
+	}
+	if o.CompressAbove == 0 {
+		o.CompressAbove = DefaultCompressAbove
+	}
+	if o.PlainJSON {
+		o.CompressAbove = -1
+	}
+	if o.TTL == 0 {
+		o.TTL = DefaultTTL
+	}
+	if o.L1TTL == 0 {
+		o.L1TTL = DefaultL1TTL
+	}
+	if o.TTLJitter == 0 {
+		o.TTLJitter = DefaultTTLJitter
+	}
+	if o.TTLJitter < 0 {
+		o.TTLJitter = 0
+	}
+	if o.L1MaxCost == 0 {
+		o.L1MaxCost = DefaultL1MaxCost
+	}
+	if o.MaxKeyLen == 0 {
+		o.MaxKeyLen = DefaultMaxKeyLen
+	}
+	if o.MaxValueSize == 0 {
+		o.MaxValueSize = DefaultMaxValueSize
+	}
+	if o.TombstoneTTL == 0 {
+		o.TombstoneTTL = DefaultTombstoneTTL
+	}
+	if o.CommandTimeout == 0 {
+		o.CommandTimeout = DefaultCommandTimeout
+	}
+	var errs []error
+	if o.Mode > ModeRedis {
+		errs = append(errs, fmt.Errorf("tiered: unknown Mode %d", o.Mode))
+	}
+	if o.TTL < 0 {
+		errs = append(errs, fmt.Errorf("tiered: TTL %v is negative", o.TTL))
+	}
+	if o.TTLJitter > 0.5 {
+		errs = append(errs, fmt.Errorf("tiered: TTLJitter %v exceeds 0.5", o.TTLJitter))
+	}
+	if o.L1MaxCost < 0 || o.MaxKeyLen < 0 || o.MaxValueSize < 0 || o.TombstoneTTL < 0 {
+		errs = append(errs, errors.New("tiered: negative size or duration in Options"))
+	}
+	if o.MaxKeyLen > invalidate.MaxKeyLen {
+		errs = append(errs, fmt.Errorf("tiered: MaxKeyLen %d exceeds the wire limit %d", o.MaxKeyLen, invalidate.MaxKeyLen))
+	}
+	if o.Codec.ID() == 0 {
+		errs = append(errs, errors.New("tiered: codec ID 0 is reserved"))
+	}
+	if strings.ContainsAny(o.Schema, ":{}") {
+		errs = append(errs, fmt.Errorf("tiered: Schema %q must not contain ':', '{' or '}'", o.Schema))
+	}
+	if o.Mode == ModeTiered && bus == nil {
+		errs = append(errs, errors.New("tiered: ModeTiered needs a Bus"))
+	}
+	return o, errors.Join(errs...)
+}

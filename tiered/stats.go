@@ -1,0 +1,147 @@
+package tiered
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"time"
+)
+
+// counters are the cache's own figures; each is touched only on slow paths.
+// L1 hits are not counted here: ristretto counts them (off our hot path) and
+// l1Rejected corrects for entries the fence refused.
+type counters struct {
+	l1Rejected, l1Misses atomic.Uint64
+	l2Hits, l2Misses     atomic.Uint64
+	writes, errors       atomic.Uint64
+	corrupt              atomic.Uint64
+}
+
+// TierStats counts reads answered by one tier.
+type TierStats struct {
+	Hits     uint64  `json:"hits"`
+	Misses   uint64  `json:"misses"`
+	HitRatio float64 `json:"hitRatio"`
+}
+
+func tier(hits, misses uint64) TierStats {
+	t := TierStats{Hits: hits, Misses: misses}
+	if n := hits + misses; n > 0 {
+		t.HitRatio = float64(hits) / float64(n)
+	}
+	return t
+}
+
+// Stats is a snapshot of a cache's figures. Its JSON shape keeps the fields
+// the Node.js service's operators know (type, keys, memory, hitRatio,
+// evictions, uptime) and adds per-tier figures.
+type Stats struct {
+	// Type is the mode: "tiered", "memory" or "redis".
+	Type string `json:"type"`
+	// Keys and Memory describe L1: entries held and their cost in bytes
+	// (approximate; expired entries linger until ristretto's cleanup).
+	Keys   uint64 `json:"keys"`
+	Memory uint64 `json:"memory"`
+	// HitRatio is the share of reads answered by either tier.
+	HitRatio float64 `json:"hitRatio"`
+	// Evictions counts L1 entries removed for space, expiry or invalidation.
+	Evictions uint64 `json:"evictions"`
+	// L1SetsDropped and L1SetsRejected count fills L1 refused (buffer full,
+	// or admission judged the key too cold): high values mean L1 is too
+	// small or the key space too flat.
+	L1SetsDropped  uint64 `json:"l1SetsDropped"`
+	L1SetsRejected uint64 `json:"l1SetsRejected"`
+	// L1 and L2 count reads per tier. A read that misses L1 and hits L2
+	// counts once in each.
+	L1 TierStats `json:"l1"`
+	L2 TierStats `json:"l2"`
+	// Writes counts keys written or deleted; Errors, operations that failed
+	// against Redis; Corrupt, undecodable values found (and deleted) in L2.
+	Writes  uint64        `json:"writes"`
+	Errors  uint64        `json:"errors"`
+	Corrupt uint64        `json:"corrupt"`
+	Uptime  time.Duration `json:"uptime"`
+}
+
+// Stats returns the cache's figures. It is cheap enough to call per scrape,
+// not per request.
+func (c *Cache[V]) Stats() Stats {
+	s := Stats{
+		Type:    c.opts.Mode.String(),
+		Writes:  c.st.writes.Load(),
+		Errors:  c.st.errors.Load(),
+		Corrupt: c.st.corrupt.Load(),
+		Uptime:  time.Since(c.start),
+	}
+	rejected := c.st.l1Rejected.Load()
+	l1Misses := c.st.l1Misses.Load()
+	if c.l1 != nil {
+		m := c.l1.Metrics
+		hits := m.Hits()
+		s.L1 = tier(hits-min(hits, rejected), m.Misses()+rejected)
+		s.Keys = m.KeysAdded() - min(m.KeysAdded(), m.KeysEvicted())
+		s.Memory = m.CostAdded() - min(m.CostAdded(), m.CostEvicted())
+		s.Evictions = m.KeysEvicted()
+		s.L1SetsDropped = m.SetsDropped()
+		s.L1SetsRejected = m.SetsRejected()
+	} else if c.rdb == nil {
+		s.L1 = tier(0, l1Misses)
+	}
+	s.L2 = tier(c.st.l2Hits.Load(), c.st.l2Misses.Load())
+	total := s.L1.Hits + s.L1.Misses
+	if c.l1 == nil {
+		total = s.L2.Hits + s.L2.Misses
+	}
+	if total > 0 {
+		s.HitRatio = float64(s.L1.Hits+s.L2.Hits) / float64(total)
+	}
+	return s
+}
+
+// Ping checks that Redis answers. In ModeMemory it returns nil.
+func (c *Cache[V]) Ping(ctx context.Context) error {
+	if c.closing.Load() {
+		return ErrClosed
+	}
+	if c.rdb == nil {
+		return nil
+	}
+	ctx, cancel := c.opCtx(ctx)
+	defer cancel()
+	if err := c.rdb.Ping(ctx).Err(); err != nil {
+		return fmt.Errorf("tiered: ping: %w", err)
+	}
+	return nil
+}
+
+// Health is what a health endpoint reports about a cache.
+type Health struct {
+	// Status is "ok", or "degraded" when Redis does not answer or the
+	// invalidation stream is not live (L1 is then bypassed).
+	Status     string    `json:"status"`
+	Type       string    `json:"type"`
+	Redis      bool      `json:"redis"`
+	RedisError string    `json:"redisError,omitempty"`
+	BusLive    bool      `json:"busLive"`
+	LastHeard  time.Time `json:"lastHeard,omitzero"`
+	Keys       uint64    `json:"keys"`
+	Memory     uint64    `json:"memory"`
+}
+
+// Health pings Redis and reports the Bus's liveness.
+func (c *Cache[V]) Health(ctx context.Context) Health {
+	st := c.Stats()
+	h := Health{Status: "ok", Type: st.Type, Keys: st.Keys, Memory: st.Memory, Redis: true, BusLive: true}
+	if c.rdb != nil {
+		if err := c.Ping(ctx); err != nil {
+			h.Redis, h.RedisError = false, err.Error()
+		}
+	}
+	if c.bus != nil {
+		h.BusLive, h.LastHeard = c.bus.Live(), c.bus.LastHeard()
+	}
+	if !h.Redis || !h.BusLive {
+		h.Status = "degraded"
+	}
+	return h
+}
