@@ -83,6 +83,10 @@ type Cache[V any] struct {
 	// afterApply, when set by a test, runs after a received message has
 	// been applied: the signal tests await instead of sleeping.
 	afterApply func()
+	// beforeL1Store, when set by a test, runs after a fill has passed its
+	// pre-check and right before the ristretto Set: the seam for proving that
+	// validation on read catches what slips past the pre-check.
+	beforeL1Store func(key string)
 }
 
 type readResult[V any] struct {
@@ -320,6 +324,9 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte,
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch}
 	if c.opts.CopyOnRead {
 		e.raw = payload
+	}
+	if c.beforeL1Store != nil {
+		c.beforeL1Store(key)
 	}
 	if c.l1.SetWithTTL(h, e, int64(size+len(key)+entryCost), ttl) {
 		c.l1.Wait()

@@ -1,10 +1,17 @@
 package tiered
 
-// setHooks installs the test seams under the cache's lock, so the goroutines
+// The setters install test seams under the cache's lock, so the goroutines
 // that later read them (the Bus's handler, fills) are ordered after it.
-func (c *Cache[V]) setHooks(afterL2Read func(key string), afterApply func()) {
+
+func (c *Cache[V]) setReadHook(afterL2Read func(key string)) {
 	c.mu.Lock()
-	c.afterL2Read, c.afterApply = afterL2Read, afterApply
+	c.afterL2Read = afterL2Read
+	c.mu.Unlock()
+}
+
+func (c *Cache[V]) setStoreHook(beforeL1Store func(key string)) {
+	c.mu.Lock()
+	c.beforeL1Store = beforeL1Store
 	c.mu.Unlock()
 }
 
@@ -12,6 +19,8 @@ func (c *Cache[V]) setHooks(afterL2Read func(key string), afterApply func()) {
 // applies from the Bus.
 func applied[V any](c *Cache[V]) <-chan struct{} {
 	ch := make(chan struct{}, 1024)
-	c.setHooks(c.afterL2Read, func() { ch <- struct{}{} })
+	c.mu.Lock()
+	c.afterApply = func() { ch <- struct{}{} }
+	c.mu.Unlock()
 	return ch
 }

@@ -55,9 +55,10 @@ type instance[V any] struct {
 	c   *Cache[V]
 }
 
-func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client) *invalidate.Bus {
+func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client, o invalidate.Options) *invalidate.Bus {
 	t.Helper()
-	bus, err := invalidate.New(rdb, invalidate.Options{Prefix: s.Prefix()})
+	o.Prefix = s.Prefix()
+	bus, err := invalidate.New(rdb, o)
 	if err != nil {
 		t.Fatalf("invalidate.New: %v", err)
 	}
@@ -73,6 +74,12 @@ func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client) *invalidate.Bu
 // newFleet starts n instances of one namespace on server s.
 func newFleet[V any](t testing.TB, s *redistest.Server, n int, opts Options) []*instance[V] {
 	t.Helper()
+	return newFleetBus[V](t, s, n, opts, invalidate.Options{})
+}
+
+// newFleetBus is newFleet with Bus options (heartbeats).
+func newFleetBus[V any](t testing.TB, s *redistest.Server, n int, opts Options, bo invalidate.Options) []*instance[V] {
+	t.Helper()
 	ns := namespace(t)
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
@@ -82,7 +89,7 @@ func newFleet[V any](t testing.TB, s *redistest.Server, n int, opts Options) []*
 		rdb := s.Client(t)
 		var bus *invalidate.Bus
 		if opts.Mode != ModeMemory {
-			bus = newBus(t, s, rdb)
+			bus = newBus(t, s, rdb, bo)
 		}
 		c, err := New[V](ns, rdb, bus, opts)
 		if err != nil {

@@ -1,0 +1,543 @@
+package tiered
+
+// Benchmarks of the cache's paths, each measured beside the bare dependency
+// it wraps, in the same run, so that the ratio ours/bare means something on a
+// noisy machine. docs/benchmarks.md has the command, the results and the
+// targets.
+//
+//	BenchmarkL1Hit       tiercache Get of an L1-resident key vs ristretto Get
+//	BenchmarkL2Hit       tiercache Get without L1 vs go-redis GET + json.Unmarshal
+//	BenchmarkSet         tiercache Set vs go-redis SET (and SET then PUBLISH)
+//	BenchmarkPropagation Set on one instance until another applied it (p50/p99)
+//	BenchmarkGetMany     100 keys, L1 warm and cold, vs a pipelined GET + decode
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"runtime"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/ristretto/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// benchValue is the cached type: a small struct whose JSON encoding is
+// padded by Body to the size under test.
+type benchValue struct {
+	ID   int64    `json:"id"`
+	Name string   `json:"name"`
+	Tags []string `json:"tags"`
+	Body string   `json:"body"`
+}
+
+type benchSize struct {
+	name string
+	n    int // exact length of the value's JSON encoding
+}
+
+var (
+	sizesAll   = []benchSize{{"100B", 100}, {"1KiB", 1 << 10}, {"16KiB", 16 << 10}}
+	sizesSmall = sizesAll[:2]
+)
+
+// benchKeyCount is how many distinct keys each benchmark cycles through.
+const benchKeyCount = 1000
+
+// Benchmarks keep values long-lived so that no TTL (L1 one minute by
+// default) expires in the middle of a run.
+var benchOpts = Options{TTL: 2 * time.Hour, L1TTL: time.Hour}
+
+// benchWords make Body text-like: compressible about as well as real JSON.
+var benchWords = strings.Fields(`alpha bravo charlie delta echo foxtrot golf
+hotel india juliet kilo lima mike november oscar papa quebec romeo sierra
+tango uniform victor whiskey xray yankee zulu account order invoice customer
+shipment status pending active archived total amount currency region`)
+
+// makeBenchValue returns a value whose JSON encoding is exactly size bytes,
+// and that encoding.
+func makeBenchValue(tb testing.TB, size int) (benchValue, []byte) {
+	tb.Helper()
+	v := benchValue{ID: 4242, Name: "benchmark value", Tags: []string{"bench", "tiered"}}
+	empty, err := json.Marshal(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := size - len(empty)
+	if n < 0 {
+		tb.Fatalf("size %d below the %d-byte minimum", size, len(empty))
+	}
+	r := rand.New(rand.NewPCG(uint64(size), 7))
+	var sb strings.Builder
+	for sb.Len() < n {
+		sb.WriteString(benchWords[r.IntN(len(benchWords))])
+		if r.IntN(5) == 0 {
+			fmt.Fprintf(&sb, " %d", r.IntN(100000))
+		}
+		sb.WriteByte(' ')
+	}
+	v.Body = sb.String()[:n]
+	enc, err := json.Marshal(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if len(enc) != size {
+		tb.Fatalf("encoded %d bytes, want %d", len(enc), size)
+	}
+	return v, enc
+}
+
+func benchKeys(prefix string) []string {
+	keys := make([]string, benchKeyCount)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("%s%04d", prefix, i)
+	}
+	return keys
+}
+
+// preload stores v under every key through the cache: one script round trip.
+func preload(tb testing.TB, c *Cache[benchValue], keys []string, v benchValue) {
+	tb.Helper()
+	items := make(map[string]benchValue, len(keys))
+	for _, k := range keys {
+		items[k] = v
+	}
+	if err := c.SetMany(context.Background(), items, 0); err != nil {
+		tb.Fatalf("SetMany: %v", err)
+	}
+}
+
+// preloadBare stores enc under every key with plain SETs in one pipeline.
+func preloadBare(tb testing.TB, rdb *redis.Client, keys []string, enc []byte) {
+	tb.Helper()
+	pipe := rdb.Pipeline()
+	for _, k := range keys {
+		pipe.Set(context.Background(), k, enc, time.Hour)
+	}
+	if _, err := pipe.Exec(context.Background()); err != nil {
+		tb.Fatalf("preload: %v", err)
+	}
+}
+
+// warmL1 reads every key once so that it fills L1, and checks that L1 now
+// holds a valid entry for each.
+func warmL1(tb testing.TB, c *Cache[benchValue], keys []string) {
+	tb.Helper()
+	ctx := context.Background()
+	for _, k := range keys {
+		for attempt := 0; ; attempt++ {
+			if _, ok, err := c.Get(ctx, k); !ok || err != nil {
+				tb.Fatalf("warm Get(%q) = %v, %v", k, ok, err)
+			}
+			h := hashKey(k)
+			if e, in := c.l1.Get(h); in && c.valid(e, h, k) {
+				break
+			}
+			if attempt == 10 {
+				tb.Fatalf("key %q does not stay in L1", k)
+			}
+		}
+	}
+}
+
+// l1Only fails the benchmark if any read of the timed loop left L1: the
+// numbers would then not be those of the L1 hit path.
+func l1Only(b *testing.B, c *Cache[benchValue]) func() {
+	l2, rej := c.st.l2Hits.Load()+c.st.l2Misses.Load(), c.st.l1Rejected.Load()
+	return func() {
+		b.Helper()
+		if d := c.st.l2Hits.Load() + c.st.l2Misses.Load() - l2; d != 0 {
+			b.Fatalf("%d reads missed L1 during the loop", d)
+		}
+		if d := c.st.l1Rejected.Load() - rej; d != 0 {
+			b.Fatalf("%d L1 entries rejected by the fence during the loop", d)
+		}
+	}
+}
+
+// newBareRistretto returns a ristretto cache configured the usual way,
+// holding v under every key.
+func newBareRistretto(b *testing.B, keys []string, v benchValue, cost int64) *ristretto.Cache[string, benchValue] {
+	b.Helper()
+	rc, err := ristretto.NewCache(&ristretto.Config[string, benchValue]{
+		NumCounters: 1e6,
+		MaxCost:     64 << 20,
+		BufferItems: 64,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(rc.Close)
+	for _, k := range keys {
+		for !rc.Set(k, v, cost) { // dropped only when the set buffer is full
+			runtime.Gosched()
+		}
+	}
+	rc.Wait()
+	for _, k := range keys {
+		if _, ok := rc.Get(k); !ok {
+			b.Fatalf("ristretto lost %q after Wait", k)
+		}
+	}
+	return rc
+}
+
+// startOffset spreads RunParallel goroutines over the key set.
+var startOffset atomic.Uint64
+
+func nextStart() int { return int(startOffset.Add(389) % benchKeyCount) }
+
+// BenchmarkL1Hit compares a Get answered by L1 with a Get on a bare
+// ristretto cache holding the same value under the same keys.
+func BenchmarkL1Hit(b *testing.B) {
+	type fixture struct {
+		bare *ristretto.Cache[string, benchValue]
+		ours *Cache[benchValue]
+	}
+	keys := benchKeys("item:")
+	fx := make([]fixture, len(sizesAll))
+	for i, s := range sizesAll {
+		v, enc := makeBenchValue(b, s.n)
+		fx[i].bare = newBareRistretto(b, keys, v, int64(len(enc)))
+		fx[i].ours = newCache[benchValue](b, benchOpts)
+		preload(b, fx[i].ours, keys, v)
+		warmL1(b, fx[i].ours, keys)
+	}
+	ctx := context.Background()
+
+	b.Run("bare-ristretto", func(b *testing.B) {
+		for i, s := range sizesAll {
+			rc := fx[i].bare
+			b.Run(s.name, func(b *testing.B) {
+				b.Run("serial", func(b *testing.B) {
+					b.ReportAllocs()
+					j := 0
+					for b.Loop() {
+						if _, ok := rc.Get(keys[j]); !ok {
+							b.Fatal("miss")
+						}
+						if j++; j == len(keys) {
+							j = 0
+						}
+					}
+				})
+				b.Run("parallel", func(b *testing.B) {
+					b.ReportAllocs()
+					b.RunParallel(func(pb *testing.PB) {
+						j := nextStart()
+						for pb.Next() {
+							if _, ok := rc.Get(keys[j]); !ok {
+								panic("miss")
+							}
+							if j++; j == len(keys) {
+								j = 0
+							}
+						}
+					})
+				})
+			})
+		}
+	})
+
+	b.Run("tiercache", func(b *testing.B) {
+		for i, s := range sizesAll {
+			c := fx[i].ours
+			b.Run(s.name, func(b *testing.B) {
+				b.Run("serial", func(b *testing.B) {
+					b.ReportAllocs()
+					check := l1Only(b, c)
+					j := 0
+					for b.Loop() {
+						if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+							b.Fatal("miss", err)
+						}
+						if j++; j == len(keys) {
+							j = 0
+						}
+					}
+					check()
+				})
+				b.Run("parallel", func(b *testing.B) {
+					b.ReportAllocs()
+					check := l1Only(b, c)
+					b.RunParallel(func(pb *testing.PB) {
+						j := nextStart()
+						for pb.Next() {
+							if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+								panic(fmt.Sprint("miss ", err))
+							}
+							if j++; j == len(keys) {
+								j = 0
+							}
+						}
+					})
+					check()
+				})
+			})
+		}
+	})
+}
+
+// BenchmarkL2Hit compares a Get answered by Redis (no L1) with a go-redis
+// GET of the plain JSON bytes followed by json.Unmarshal.
+func BenchmarkL2Hit(b *testing.B) {
+	ctx := context.Background()
+	b.Run("bare-goredis-get+decode", func(b *testing.B) {
+		rdb := srv.Client(b)
+		for _, s := range sizesAll {
+			_, enc := makeBenchValue(b, s.n)
+			keys := benchKeys(srv.Prefix() + "bare-l2:" + s.name + ":")
+			preloadBare(b, rdb, keys, enc)
+			b.Run(s.name, func(b *testing.B) {
+				b.ReportAllocs()
+				j := 0
+				for b.Loop() {
+					raw, err := rdb.Get(ctx, keys[j]).Bytes()
+					if err != nil {
+						b.Fatal(err)
+					}
+					var v benchValue
+					if err := json.Unmarshal(raw, &v); err != nil {
+						b.Fatal(err)
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			})
+		}
+	})
+	ours := func(name string, opts Options, sizes []benchSize) {
+		b.Run(name, func(b *testing.B) {
+			for _, s := range sizes {
+				v, _ := makeBenchValue(b, s.n)
+				c := newCache[benchValue](b, opts)
+				keys := benchKeys("l2:")
+				preload(b, c, keys, v)
+				b.Run(s.name, func(b *testing.B) {
+					b.ReportAllocs()
+					j := 0
+					for b.Loop() {
+						if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+							b.Fatal("miss", err)
+						}
+						if j++; j == len(keys) {
+							j = 0
+						}
+					}
+				})
+			}
+		})
+	}
+	redisOnly := benchOpts
+	redisOnly.Mode = ModeRedis
+	ours("tiercache", redisOnly, sizesAll)
+	// Default options compress values over 1 KiB; this variant isolates
+	// what compression costs (or saves) at 16 KiB.
+	redisOnly.CompressAbove = -1
+	ours("tiercache-nocompress", redisOnly, sizesAll[2:])
+}
+
+// BenchmarkSet compares Set with a go-redis SET of the pre-encoded JSON, and
+// with the hand-rolled alternative to Set's single script: SET, then PUBLISH
+// an invalidation (two round trips).
+func BenchmarkSet(b *testing.B) {
+	ctx := context.Background()
+	b.Run("bare-goredis-set", func(b *testing.B) {
+		rdb := srv.Client(b)
+		for _, s := range sizesSmall {
+			_, enc := makeBenchValue(b, s.n)
+			keys := benchKeys(srv.Prefix() + "bare-set:" + s.name + ":")
+			b.Run(s.name, func(b *testing.B) {
+				b.ReportAllocs()
+				j := 0
+				for b.Loop() {
+					if err := rdb.Set(ctx, keys[j], enc, time.Hour).Err(); err != nil {
+						b.Fatal(err)
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			})
+		}
+	})
+	b.Run("bare-set-then-publish", func(b *testing.B) {
+		rdb := srv.Client(b)
+		// Like the Bus, one subscriber receives every invalidation.
+		channel := srv.Prefix() + "bench-invalidations"
+		ps := srv.Client(b).Subscribe(ctx, channel)
+		b.Cleanup(func() { _ = ps.Close() })
+		if _, err := ps.Receive(ctx); err != nil {
+			b.Fatal(err)
+		}
+		msgs := ps.Channel()
+		go func() {
+			for range msgs {
+			}
+		}()
+		for _, s := range sizesSmall {
+			_, enc := makeBenchValue(b, s.n)
+			keys := benchKeys(srv.Prefix() + "bare-setpub:" + s.name + ":")
+			b.Run(s.name, func(b *testing.B) {
+				b.ReportAllocs()
+				j := 0
+				for b.Loop() {
+					if err := rdb.Set(ctx, keys[j], enc, time.Hour).Err(); err != nil {
+						b.Fatal(err)
+					}
+					if err := rdb.Publish(ctx, channel, keys[j]).Err(); err != nil {
+						b.Fatal(err)
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			})
+		}
+	})
+	b.Run("tiercache", func(b *testing.B) {
+		for _, s := range sizesSmall {
+			v, _ := makeBenchValue(b, s.n)
+			c := newCache[benchValue](b, benchOpts)
+			keys := benchKeys("set:")
+			b.Run(s.name, func(b *testing.B) {
+				b.ReportAllocs()
+				j := 0
+				for b.Loop() {
+					if err := c.Set(ctx, keys[j], v, time.Hour); err != nil {
+						b.Fatal(err)
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			})
+		}
+	})
+}
+
+// BenchmarkPropagation measures, for every Set on instance A, the time from
+// the call until instance B has applied the invalidation it published, and
+// reports the median and 99th percentile.
+func BenchmarkPropagation(b *testing.B) {
+	ctx := context.Background()
+	fleet := newFleet[benchValue](b, srv, 2, benchOpts)
+	a, peer := fleet[0].c, fleet[1].c
+	done := applied(peer)
+	v, _ := makeBenchValue(b, 100)
+	keys := benchKeys("prop:")
+	timeout := time.NewTimer(time.Hour)
+	defer timeout.Stop()
+	wait := func() {
+		timeout.Reset(5 * time.Second)
+		select {
+		case <-done:
+		case <-timeout.C:
+			b.Fatal("peer did not apply the invalidation within 5s")
+		}
+	}
+	for _, k := range keys[:10] { // warm the connections and the path
+		if err := a.Set(ctx, k, v, 0); err != nil {
+			b.Fatal(err)
+		}
+		wait()
+	}
+	samples := make([]time.Duration, 0, 1<<14)
+	b.ReportAllocs()
+	j := 0
+	for b.Loop() {
+		start := time.Now()
+		if err := a.Set(ctx, keys[j], v, 0); err != nil {
+			b.Fatal(err)
+		}
+		wait()
+		samples = append(samples, time.Since(start))
+		if j++; j == len(keys) {
+			j = 0
+		}
+	}
+	slices.Sort(samples)
+	q := func(p float64) float64 {
+		return float64(samples[int(p*float64(len(samples)-1))]) / float64(time.Microsecond)
+	}
+	b.ReportMetric(q(0.50), "p50-µs")
+	b.ReportMetric(q(0.99), "p99-µs")
+}
+
+// BenchmarkGetMany reads 100 keys of 1 KiB: all in L1 (warm), none valid in
+// L1 (cold: every key invalidated before each call, so the call reads Redis
+// in one pipeline and fills L1), and with go-redis alone (one pipeline of
+// GETs and a json.Unmarshal per value).
+func BenchmarkGetMany(b *testing.B) {
+	const n = 100
+	ctx := context.Background()
+	v, enc := makeBenchValue(b, 1<<10)
+	b.Run("bare-goredis-pipeline+decode", func(b *testing.B) {
+		rdb := srv.Client(b)
+		keys := benchKeys(srv.Prefix() + "bare-many:")[:n]
+		preloadBare(b, rdb, keys, enc)
+		b.ReportAllocs()
+		cmds := make([]*redis.StringCmd, n)
+		for b.Loop() {
+			pipe := rdb.Pipeline()
+			for i, k := range keys {
+				cmds[i] = pipe.Get(ctx, k)
+			}
+			if _, err := pipe.Exec(ctx); err != nil {
+				b.Fatal(err)
+			}
+			out := make(map[string]benchValue, n)
+			for i, k := range keys {
+				raw, err := cmds[i].Bytes()
+				if err != nil {
+					b.Fatal(err)
+				}
+				var v benchValue
+				if err := json.Unmarshal(raw, &v); err != nil {
+					b.Fatal(err)
+				}
+				out[k] = v
+			}
+		}
+	})
+	setup := func(b *testing.B) (*Cache[benchValue], []string) {
+		c := newCache[benchValue](b, benchOpts)
+		keys := benchKeys("many:")[:n]
+		preload(b, c, keys, v)
+		warmL1(b, c, keys)
+		return c, keys
+	}
+	b.Run("tiercache-cold", func(b *testing.B) {
+		c, keys := setup(b)
+		b.ReportAllocs()
+		for b.Loop() {
+			b.StopTimer()
+			for _, k := range keys {
+				c.invalidateLocal(k)
+			}
+			b.StartTimer()
+			got, err := c.GetMany(ctx, keys)
+			if err != nil || len(got) != n {
+				b.Fatalf("GetMany: %d values, %v", len(got), err)
+			}
+		}
+	})
+	b.Run("tiercache-warm", func(b *testing.B) {
+		c, keys := setup(b)
+		check := l1Only(b, c)
+		b.ReportAllocs()
+		for b.Loop() {
+			got, err := c.GetMany(ctx, keys)
+			if err != nil || len(got) != n {
+				b.Fatalf("GetMany: %d values, %v", len(got), err)
+			}
+		}
+		check()
+	})
+}
