@@ -109,7 +109,7 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 			// a later caller does not join a cancelled run.
 			c.cancel()
 			if g.calls[key] == c {
-				_ = key
+				delete(g.calls, key)
 			}
 		}
 		g.mu.Unlock()

@@ -213,6 +213,8 @@ func TestAllWaitersCancelCancelsRun(t *testing.T) {
 	started := make(chan struct{})
 	observed := make(chan error, 1)
 	finishFirst := make(chan struct{})
+	finish := sync.OnceFunc(func() { close(finishFirst) })
+	t.Cleanup(finish) // runs before the group's Close, even on failure
 	firstReturned := make(chan struct{})
 	first := func(ctx context.Context) (int, error) {
 		defer close(firstReturned)
@@ -263,15 +265,13 @@ func TestAllWaitersCancelCancelsRun(t *testing.T) {
 		secondCalls.Add(1)
 		return 99, nil
 	}
-	v, err, shared := g.Do(context.Background(), "k", 0, second)
-	if v != 99 || err != nil || shared {
-		t.Errorf("Do() after cancellation = %v, %v, %v, want 99, <nil>, false", v, err, shared)
+	if r := recv(t, goDo(g, context.Background(), "k", 0, second), "Do after cancellation"); r.v != 99 || r.err != nil || r.shared {
+		t.Errorf("Do() after cancellation = %v, %v, %v, want 99, <nil>, false", r.v, r.err, r.shared)
 	}
-	close(finishFirst)
+	finish()
 	recv(t, firstReturned, "cancelled run to return")
-	v, err, _ = g.Do(context.Background(), "k", 0, second)
-	if v != 99 || err != nil {
-		t.Errorf("Do() after cancelled run returned = %v, %v, want 99, <nil>", v, err)
+	if r := recv(t, goDo(g, context.Background(), "k", 0, second), "Do after cancelled run returned"); r.v != 99 || r.err != nil {
+		t.Errorf("Do() after cancelled run returned = %v, %v, want 99, <nil>", r.v, r.err)
 	}
 	if got := secondCalls.Load(); got != 2 {
 		t.Errorf("new fn called %d times, want 2", got)
@@ -417,9 +417,9 @@ func TestPanic(t *testing.T) {
 			if got := g.InFlight(); got != 0 {
 				t.Errorf("InFlight() after panic = %d, want 0", got)
 			}
-			v, err, _ := g.Do(context.Background(), "k", 0, func(context.Context) (int, error) { return 5, nil })
-			if v != 5 || err != nil {
-				t.Errorf("Do() after panic = %v, %v, want 5, <nil>", v, err)
+			after := goDo(g, context.Background(), "k", 0, func(context.Context) (int, error) { return 5, nil })
+			if r := recv(t, after, "Do after panic"); r.v != 5 || r.err != nil {
+				t.Errorf("Do() after panic = %v, %v, want 5, <nil>", r.v, r.err)
 			}
 		})
 	}

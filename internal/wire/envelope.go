@@ -184,6 +184,9 @@ func AppendEnvelope(dst []byte, e Envelope, compressAbove int) ([]byte, error) {
 		end := len(dst)
 		block := s2.Encode(dst[end:end+maxBlock], p)
 		if len(block) < len(p) {
+			if &block[0] != &dst[:end+1][end] { // not in place after all
+				copy(dst[end:end+maxBlock], block)
+			}
 			dst[start+3] |= byte(FlagCompressed)
 			return dst[:end+len(block)], nil
 		}
