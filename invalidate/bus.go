@@ -8,9 +8,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -115,7 +117,7 @@ type Bus struct {
 	received, applied, own, ignored, malformed, reconnects atomic.Uint64
 
 	mu       sync.RWMutex
-	handlers map[string]Handler
+	handlers map[string]*registration
 	closed   bool
 
 	psMu     sync.Mutex
@@ -133,7 +135,7 @@ type Bus struct {
 // [Bus.Live]) when its subscription is confirmed, usually within a
 // millisecond. Until then caches read L2 directly. Call Close to stop it.
 func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
-	if rdb == nil {
+	if isNil(rdb) {
 		return nil, errors.New("invalidate: nil Redis client")
 	}
 	opts, err := opts.withDefaults()
@@ -144,7 +146,7 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 		rdb:      rdb,
 		opts:     opts,
 		channel:  opts.Prefix + "inv:1",
-		handlers: make(map[string]Handler),
+		handlers: make(map[string]*registration),
 		liveCh:   make(chan struct{}),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
@@ -164,9 +166,10 @@ func (b *Bus) Channel() string { return b.channel }
 // creates.
 func (b *Bus) Origin() [16]byte { return b.origin }
 
-// Epoch reports the stream's epoch: even while live, odd while dead, and
-// different after every transition. Caches compare an entry's epoch with it
-// on every L1 hit; it is a single atomic load.
+// Epoch reports the stream's epoch: even while live, odd while dead. It
+// changes on every transition and whenever the Bus voids every L1 entry
+// (an unreadable message). Caches compare an entry's epoch with it on every
+// L1 hit; it is a single atomic load.
 func (b *Bus) Epoch() uint64 { return b.epoch.Load() }
 
 // Live reports whether the stream is currently trusted.
@@ -204,9 +207,13 @@ func (b *Bus) WaitLive(ctx context.Context) error {
 // Register routes the messages of namespace ns to h and returns a function
 // that removes it. One handler per namespace per Bus.
 func (b *Bus) Register(ns string, h Handler) (unregister func(), err error) {
-	if ns == "" || len(ns) > namespaceLimit {
-		return nil, fmt.Errorf("invalidate: namespace length %d out of range 1..%d", len(ns), namespaceLimit)
+	if ns == "" || len(ns) > namespaceLimit || !utf8.ValidString(ns) {
+		return nil, fmt.Errorf("invalidate: namespace %q must be 1..%d bytes of UTF-8", ns, namespaceLimit)
 	}
+	if isNil(h) {
+		return nil, errors.New("invalidate: nil Handler")
+	}
+	reg := &registration{h: h}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -215,17 +222,33 @@ func (b *Bus) Register(ns string, h Handler) (unregister func(), err error) {
 	if _, dup := b.handlers[ns]; dup {
 		return nil, fmt.Errorf("%w: %q", ErrDuplicateNamespace, ns)
 	}
-	b.handlers[ns] = h
+	b.handlers[ns] = reg
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			b.mu.Lock()
-			if b.handlers[ns] == h {
+			defer b.mu.Unlock()
+			if b.handlers[ns] == reg { // compare registrations: handlers need not be comparable
 				delete(b.handlers, ns)
 			}
-			b.mu.Unlock()
 		})
 	}, nil
+}
+
+// registration is one Register call; its pointer identifies it.
+type registration struct{ h Handler }
+
+// isNil reports whether v is nil or a typed nil pointer, map, func or
+// interface inside an interface.
+func isNil(v any) bool {
+	if v == nil {
+		return true
+	}
+	switch rv := reflect.ValueOf(v); rv.Kind() {
+	case reflect.Pointer, reflect.Map, reflect.Func, reflect.Interface, reflect.Slice, reflect.Chan:
+		return rv.IsNil()
+	}
+	return false
 }
 
 // KeysMessage encodes an invalidation of keys in namespace ns, stamped with
@@ -280,7 +303,9 @@ func (b *Bus) Stats() Stats {
 
 // Close stops the receive goroutine, waits for it and closes the
 // subscription. It is idempotent and safe to call concurrently; it does not
-// close the Redis client.
+// close the Redis client. It returns at once, except while the Bus is
+// resubscribing to a Redis that does not answer: go-redis cannot abandon a
+// connection handshake, so Close then waits up to HeartbeatTimeout.
 func (b *Bus) Close() error {
 	b.closeOnce.Do(func() {
 		b.mu.Lock()
@@ -433,13 +458,13 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 			}
 			// A confirmation can only arrive after a dead period (the epoch
 			// is odd), so setLive always moves to a fresh even epoch.
-			b.setLive(true)
-			wasLive = true
 			if !*first {
 				b.reconnects.Add(1)
 				b.logf(slog.LevelInfo, "tiercache: invalidation stream regained; L1 flushed")
 			}
 			*first = false
+			b.setLive(true)
+			wasLive = true
 		case *redis.Message:
 			b.dispatch(m.Payload)
 		case *redis.Pong:
@@ -450,8 +475,8 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 func (b *Bus) resync(ctx context.Context) error {
 	b.mu.RLock()
 	hs := make([]Handler, 0, len(b.handlers))
-	for _, h := range b.handlers {
-		hs = append(hs, h)
+	for _, r := range b.handlers {
+		hs = append(hs, r.h)
 	}
 	b.mu.RUnlock()
 	ctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
@@ -468,7 +493,11 @@ func (b *Bus) dispatch(payload string) {
 	b.received.Add(1)
 	var m Message
 	if err := m.UnmarshalBinary([]byte(payload)); err != nil {
+		// It may have been an invalidation we cannot read (a newer
+		// version, say): assume the worst and void every L1 entry, as for
+		// a gap in the stream, without leaving the live state.
 		b.malformed.Add(1)
+		b.epoch.Add(2)
 		return
 	}
 	if m.Origin == b.origin {
@@ -479,12 +508,13 @@ func (b *Bus) dispatch(payload string) {
 		return
 	}
 	b.mu.RLock()
-	h := b.handlers[m.Namespace]
+	r := b.handlers[m.Namespace]
 	b.mu.RUnlock()
-	if h == nil {
+	if r == nil {
 		b.ignored.Add(1)
 		return
 	}
+	h := r.h
 	switch m.Kind {
 	case KindKeys:
 		h.Invalidate(m.Keys)

@@ -207,6 +207,16 @@ func wantKeys(t *testing.T, got []string, want ...string) {
 	}
 }
 
+// checkReconnects checks Stats().Reconnects. The Bus counts a reconnect just
+// after it goes live, so call it only once a message received on the new
+// subscription has been observed (the count is then certainly updated).
+func checkReconnects(t *testing.T, b *Bus, want uint64) {
+	t.Helper()
+	if st := b.Stats(); st.Reconnects != want {
+		t.Errorf("Stats().Reconnects = %d, want %d", st.Reconnects, want)
+	}
+}
+
 func checkLiveEpoch(t *testing.T, b *Bus) uint64 {
 	t.Helper()
 	e := b.Epoch()
@@ -286,8 +296,8 @@ func TestBusDeliveryBetweenBuses(t *testing.T) {
 	// so when it arrives A has already dispatched its own.
 	publish(b, enc(b.KeysMessage("ns", []string{"fromB"})))
 	wantKeys(t, recv(t, ha.inv, "A: Invalidate of B's message"), "fromB")
-	if st := a.Stats(); st.Own != 1 || st.Applied != 1 || st.Received != 2 {
-		t.Errorf("A: Stats() = %+v, want Own 1, Applied 1, Received 2", st)
+	if st := a.Stats(); st.Own != 1 || st.Received != 2 {
+		t.Errorf("A: Stats() = %+v, want Own 1, Received 2", st)
 	}
 
 	// Flush with a one-byte and a multi-byte generation.
@@ -307,7 +317,9 @@ func TestBusDeliveryBetweenBuses(t *testing.T) {
 		t.Errorf("B: Stats().Ignored = %d, want 1 (Stats %+v)", st.Ignored, st)
 	}
 
-	// Garbage is counted and skipped; the stream stays live.
+	// Garbage is counted, never applied; the stream stays live, but each
+	// unreadable message voids L1 (the epoch moves by 2, staying even), as it
+	// may have been an invalidation this Bus cannot read.
 	valid, err := a.KeysMessage("ns", []string{"v"})
 	if err != nil {
 		t.Fatal(err)
@@ -324,16 +336,18 @@ func TestBusDeliveryBetweenBuses(t *testing.T) {
 	if st.Malformed != uint64(len(garbage)) {
 		t.Errorf("B: Stats().Malformed = %d, want %d (Stats %+v)", st.Malformed, len(garbage), st)
 	}
-	if !b.Live() || b.Epoch() != eb {
-		t.Errorf("B: Live() = %v, Epoch() = %d after garbage, want true, %d", b.Live(), b.Epoch(), eb)
+	if want := eb + 2*uint64(len(garbage)); !b.Live() || b.Epoch() != want {
+		t.Errorf("B: Live() = %v, Epoch() = %d after garbage, want true, %d", b.Live(), b.Epoch(), want)
 	}
 	// Received: k1k2, 2 flushes, ignored, after-ignored, garbage, after-garbage
 	// (+ its own fromB).
 	if want := uint64(1 + 2 + 2 + len(garbage) + 1 + 1); st.Received != want {
 		t.Errorf("B: Stats().Received = %d, want %d", st.Received, want)
 	}
-	if want := uint64(1 + 2 + 1 + 1); st.Applied != want {
-		t.Errorf("B: Stats().Applied = %d, want %d", st.Applied, want)
+	// Applied is counted after the handler returns: the message whose
+	// handler call was just observed may not be counted yet.
+	if want := uint64(1 + 2 + 1 + 1); st.Applied != want && st.Applied != want-1 {
+		t.Errorf("B: Stats().Applied = %d, want %d (or %d)", st.Applied, want, want-1)
 	}
 	noValue(t, ha.inv, "A: Invalidate of its own message")
 	noValue(t, ha.flush, "A: Flush of its own message")
@@ -377,11 +391,9 @@ func TestBusKillPubSubResubscribes(t *testing.T) {
 	if e1 <= c.epoch {
 		t.Errorf("Epoch() = %d after resubscribing, want a new even value > %d", e1, c.epoch)
 	}
-	if st := b.Stats(); st.Reconnects != 1 {
-		t.Errorf("Stats().Reconnects = %d, want 1", st.Reconnects)
-	}
 	publishForeign(t, rdb, b, "ns", "after-kill")
 	wantKeys(t, recv(t, h.inv, "Invalidate after resubscription"), "after-kill")
+	checkReconnects(t, b, 1)
 	noValue(t, h.resync, "second Resync")
 }
 
@@ -428,11 +440,9 @@ func TestBusFreezeDetected(t *testing.T) {
 	if c.live || c.epoch%2 != 1 {
 		t.Errorf("during Resync: Live() = %v, Epoch() = %d, want false and odd", c.live, c.epoch)
 	}
-	if st := b.Stats(); st.Reconnects != 1 {
-		t.Errorf("Stats().Reconnects = %d, want 1", st.Reconnects)
-	}
 	publishForeign(t, rdb, b, "ns", "after-thaw")
 	wantKeys(t, recv(t, h.inv, "Invalidate after Thaw"), "after-thaw")
+	checkReconnects(t, b, 1)
 }
 
 // 5.
@@ -460,11 +470,9 @@ func TestBusStopRestart(t *testing.T) {
 	if c.live || c.epoch%2 != 1 {
 		t.Errorf("during Resync: Live() = %v, Epoch() = %d, want false and odd", c.live, c.epoch)
 	}
-	if st := b.Stats(); st.Reconnects != 1 {
-		t.Errorf("Stats().Reconnects = %d, want 1", st.Reconnects)
-	}
 	publishForeign(t, rdb, b, "ns", "after-restart")
 	wantKeys(t, recv(t, h.inv, "Invalidate after Restart"), "after-restart")
+	checkReconnects(t, b, 1)
 }
 
 // 6.
@@ -511,11 +519,9 @@ func TestBusResyncErrorKeepsDead(t *testing.T) {
 	if last.err != nil || last.epoch != e0+1 {
 		t.Errorf("last Resync before going live: err %v, Epoch() = %d, want nil, %d", last.err, last.epoch, e0+1)
 	}
-	if st := b.Stats(); st.Reconnects != 1 {
-		t.Errorf("Stats().Reconnects = %d, want 1 (failed resyncs are not reconnects)", st.Reconnects)
-	}
 	publishForeign(t, rdb, b, "ns", "after-resync")
 	wantKeys(t, recv(t, h.inv, "Invalidate after a successful Resync"), "after-resync")
+	checkReconnects(t, b, 1) // failed resyncs are not reconnects
 }
 
 // 7.
@@ -572,7 +578,9 @@ func (uncomparableHandler) Resync(context.Context) error { return nil }
 
 // BUG (bus.go, Register): the unregister func compares b.handlers[ns] == h,
 // two interface values; when the handler's dynamic type is not comparable
-// that comparison panics ("comparing uncomparable type").
+// that comparison panics ("comparing uncomparable type") while b.mu is held
+// without a defer, so even a recovered panic leaves b.mu locked forever and
+// wedges the Bus (Register, Close, dispatch and resync all block).
 func TestBusUnregisterUncomparableHandler(t *testing.T) {
 	s := redistest.Shared(t)
 	b := newTestBus(t, s, s.Client(t), Options{})
@@ -588,14 +596,18 @@ func TestBusUnregisterUncomparableHandler(t *testing.T) {
 		}()
 		u()
 	}()
+	if !b.mu.TryLock() {
+		t.Errorf("unregister left Bus.mu locked: every later Register, Close, dispatch and resync would block forever")
+		b.mu.Unlock() // release it so that the test can clean up
+		return
+	}
+	b.mu.Unlock()
 	if u, err := b.Register("ns", uncomparableHandler{}); err != nil {
 		t.Errorf("Register after unregister = %v, want nil", err)
 	} else {
-		func() {
-			defer func() { _ = recover() }()
-			u()
-		}()
+		u()
 	}
+	waitLive(t, b)
 }
 
 // closeConcurrently calls Close from 4 goroutines and returns how long the
@@ -685,8 +697,10 @@ func TestBusCloseWhileFrozenResubscribing(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	d := closeConcurrently(t, b)
 	t.Logf("Close while resubscribing to a frozen server took %v", d)
-	if d > 200*time.Millisecond {
-		t.Errorf("Close took %v, want < 200ms", d)
+	// go-redis cannot abandon a handshake in progress, so Close waits for
+	// the subscribe attempt's deadline (HeartbeatTimeout), as documented.
+	if d > DefaultHeartbeatTimeout+200*time.Millisecond {
+		t.Errorf("Close took %v, want ≤ HeartbeatTimeout + 200ms", d)
 	}
 	checkClosed(t, b)
 }
@@ -858,8 +872,10 @@ func TestBusStress(t *testing.T) {
 		}
 		hs[i].mu.Unlock()
 		st := b.Stats()
-		if st.Own != each || st.Applied != (buses-1)*each+1 || st.Malformed != 0 || st.Ignored != 0 || st.Reconnects != 0 {
-			t.Errorf("bus %d: Stats() = %+v, want Own %d, Applied %d, no malformed/ignored/reconnects", i, st, each, (buses-1)*each+1)
+		// Applied: every stress message, plus the sentinel once its handler
+		// call has returned (it may not have yet).
+		if st.Own != each || st.Applied < (buses-1)*each || st.Applied > (buses-1)*each+1 || st.Malformed != 0 || st.Ignored != 0 || st.Reconnects != 0 {
+			t.Errorf("bus %d: Stats() = %+v, want Own %d, Applied %d (+1), no malformed/ignored/reconnects", i, st, each, (buses-1)*each)
 		}
 		if e := b.Epoch(); e != epochs[i] {
 			t.Errorf("bus %d: Epoch() = %d after the stress, want %d (no fault)", i, e, epochs[i])

@@ -1,6 +1,8 @@
 package invalidate
 
 import (
+	"github.com/tiercache/tiercache/internal/racebuild"
+
 	"bytes"
 	"encoding/binary"
 	"encoding/hex"
@@ -314,8 +316,12 @@ func TestMessageCountBoundsAllocation(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	if allocs > 5 { // the error value only
-		t.Fatalf("%v allocations", allocs)
+	limit := 5.0 // the error value only
+	if racebuild.Enabled {
+		limit = 20 // the race detector allocates on its own account
+	}
+	if allocs > limit {
+		t.Fatalf("%v allocations, want ≤ %v", allocs, limit)
 	}
 }
 

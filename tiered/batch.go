@@ -109,7 +109,7 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		}
 		v, payload, found, err := c.decode(raw)
 		if err != nil {
-			c.dropCorrupt(ctx, c.dataKey(gen, k), raw)
+			c.dropCorrupt(ctx, c.dataKey(gen, k), raw, err)
 		}
 		if err != nil || !found {
 			c.st.l2Misses.Add(1)

@@ -170,7 +170,9 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
 // Redis count as a miss and are deleted.
 //
-// An L1 hit takes no lock and allocates nothing. On an L1 miss, concurrent
+// An L1 hit takes no lock, allocates nothing and does not look at ctx;
+// anything that goes to Redis fails at once if ctx is already done and
+// returns when ctx is done. On an L1 miss, concurrent
 // Gets of one key share one Redis round trip; each caller waits only as long
 // as its own ctx allows.
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
@@ -226,6 +228,9 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 		c.st.l1Misses.Add(1)
 		return v, false, nil
 	}
+	if err := ctx.Err(); err != nil {
+		return v, false, err
+	}
 	r, err, _ := c.flights.Do(ctx, "g"+key, c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
 		return c.readL2(ctx, key)
 	})
@@ -263,7 +268,7 @@ func (c *Cache[V]) readL2(ctx context.Context, key string) (readResult[V], error
 	}
 	val, payload, found, err := c.decode(raw)
 	if err != nil {
-		c.dropCorrupt(ctx, dk, raw)
+		c.dropCorrupt(ctx, dk, raw, err)
 		c.st.l2Misses.Add(1)
 		return readResult[V]{}, nil
 	}
@@ -460,9 +465,11 @@ func (c *Cache[V]) Close() error {
 	c.closeOnce.Do(func() {
 		c.closing.Store(true)
 		c.flights.Close()
-		c.mu.Lock() // waits for slow-path calls already inside
-		c.mu.Unlock()
+		// The write lock waits for the slow-path calls already inside;
+		// teardown runs under it so no handler call can start meanwhile.
+		c.mu.Lock()
 		c.teardown()
+		c.mu.Unlock()
 	})
 	return nil
 }

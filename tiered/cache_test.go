@@ -310,9 +310,10 @@ func TestCache_CorruptL2(t *testing.T) {
 			garbage := [][]byte{
 				{},
 				[]byte("not json"),
-				{0xFE, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, '{'}, // bad JSON in an envelope
-				{0xFE, 9, 1, 0}, // unknown version, short
-				{0xFE, 1, 77, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0}, // unknown codec
+				{0xFE, 1, c.opts.Codec.ID(), 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xc1}, // undecodable payload in an envelope
+				{0xFE, 1, 1, 0}, // a truncated header
+				{0xFE, 1, 1, 0x80, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, '{', '}'}, // an unknown flag
+				{0xFE, 1, 0, 4, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 'x'},         // a tombstone with a payload
 				[]byte(`{"id":"not a number"}`),
 			}
 			for i, g := range garbage {
@@ -335,6 +336,31 @@ func TestCache_CorruptL2(t *testing.T) {
 				got, err := c.GetMany(ctx, []string{key})
 				if len(got) != 0 || err != nil {
 					t.Fatalf("GetMany(corrupt) = %v, %v", got, err)
+				}
+			}
+			if m.opts.PlainJSON {
+				return
+			}
+			// Bytes another writer may legitimately have written (a newer
+			// envelope version during a rollout, another codec) read as a
+			// miss but are left in place.
+			other := byte(2)
+			if c.opts.Codec.ID() == 2 {
+				other = 1
+			}
+			foreign := [][]byte{
+				{0xFE, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, '{', '}'}, // envelope v2
+				{0xFE, 1, other, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0x80}, // another codec
+			}
+			for i, g := range foreign {
+				key := fmt.Sprintf("foreign%d", i)
+				dk := c.dataKey(c.nsGen.Load(), key)
+				_ = c.rdb.Set(ctx, dk, g, time.Minute).Err()
+				if v, ok, err := c.Get(ctx, key); ok || err != nil {
+					t.Fatalf("Get(%q) = %+v, %v, %v; want a miss", key, v, ok, err)
+				}
+				if n, _ := c.rdb.Exists(ctx, dk).Result(); n != 1 {
+					t.Fatalf("foreign value %q was deleted; want it kept for its writer", g)
 				}
 			}
 		})

@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 
@@ -59,7 +60,7 @@ func (c *Cache[V]) decode(raw []byte) (v V, payload []byte, found bool, err erro
 		return v, nil, false, nil
 	}
 	if env.Codec != c.opts.Codec.ID() {
-		return v, nil, false, fmt.Errorf("%w: codec %d, want %d", wire.ErrCorrupt, env.Codec, c.opts.Codec.ID())
+		return v, nil, false, fmt.Errorf("%w: codec %d, want %d", errForeign, env.Codec, c.opts.Codec.ID())
 	}
 	if err := c.opts.Codec.Unmarshal(env.Payload, &v); err != nil {
 		return v, nil, false, fmt.Errorf("%w: %v", wire.ErrCorrupt, err)
@@ -95,9 +96,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0`)
 
-// dropCorrupt deletes undecodable bytes from Redis and counts them. The
-// caller treats the read as a miss.
-func (c *Cache[V]) dropCorrupt(ctx context.Context, dataKey string, raw []byte) {
+// errForeign marks bytes this cache cannot read but another may: a newer
+// envelope version, another codec, a value over this instance's size limit.
+var errForeign = errors.New("tiered: value written by an incompatible writer")
+
+// dropCorrupt counts undecodable bytes and deletes them from Redis, unless
+// they may be another writer's valid value (a newer format version during a
+// rollout, another codec or size limit): those are only skipped. The caller
+// treats the read as a miss either way.
+func (c *Cache[V]) dropCorrupt(ctx context.Context, dataKey string, raw []byte, err error) {
 	c.st.corrupt.Add(1)
+	if errors.Is(err, errForeign) || errors.Is(err, wire.ErrUnsupportedVersion) || errors.Is(err, wire.ErrTooLarge) {
+		return
+	}
 	_ = delIfEqual.Run(ctx, c.rdb, []string{dataKey}, raw).Err()
 }

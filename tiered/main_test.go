@@ -26,6 +26,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	srv = s
+	os.Setenv("TIERCACHE_EXAMPLE_REDIS", s.Addr())
 	code := m.Run()
 	cleanup()
 	if code == 0 {

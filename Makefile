@@ -1,0 +1,33 @@
+# tiercache: the commands a newcomer and CI use. `make help` lists them.
+GO        ?= go
+PKGS      ?= ./...
+BENCHTIME ?= 200ms
+COUNT     ?= 6
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: test
+test: ## run every test with -race against private redis-server processes (what CI runs)
+	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server) or set REDIS_ADDR"; exit 1; }
+	$(GO) vet $(PKGS)
+	$(GO) test -race -count=1 -timeout 10m $(PKGS)
+
+.PHONY: bench
+bench: ## run the benchmarks beside their bare-dependency baselines; compare with benchstat
+	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count $(COUNT) ./tiered/ | tee bench.txt
+	@command -v benchstat >/dev/null && benchstat bench.txt || echo "install benchstat: go install golang.org/x/perf/cmd/benchstat@latest"
+
+.PHONY: fuzz
+fuzz: ## fuzz the wire decoders for 30s each
+	$(GO) test -run '^$$' -fuzz FuzzDecodeEnvelope -fuzztime 30s ./internal/wire/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeMessage -fuzztime 30s ./invalidate/
+
+.PHONY: lint
+lint: ## gofmt, go vet and staticcheck
+	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt: the files above need formatting"; exit 1; }
+	$(GO) vet $(PKGS)
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 $(PKGS)

@@ -1,0 +1,30 @@
+// Package invalidate is the invalidation stream of tiercache: one Bus per
+// process and Redis deployment, shared by every cache namespace.
+//
+// Writers publish an invalidation in the same Redis script as their write,
+// so the two cannot half-happen. The Bus subscribes to the channel with its
+// own receive loop: it reads with a deadline, pings when idle and declares
+// the stream dead when it has heard nothing (message, pong or confirmation)
+// for Options.HeartbeatTimeout, which go-redis's Channel() cannot do on a
+// half-open connection. A dead stream flips Bus.Epoch to an odd value, which
+// makes every cache bypass its L1; the Bus then resubscribes with backoff,
+// lets every Handler resync, and moves to a fresh even epoch, which voids
+// every L1 entry filled before the gap. Pub/sub is at-most-once, so every gap
+// is assumed to have lost messages.
+//
+// Messages are versioned and bounded (docs/wire.md); the decoder rejects
+// anything malformed, and malformed messages are counted, never applied.
+// Each message carries its publisher's random instance ID; a Bus skips its
+// own messages, because its writer has already invalidated locally after
+// the write returned.
+//
+// # Concurrency
+//
+// All methods are safe for concurrent use. Handlers are called from the
+// Bus's single receive goroutine and must return quickly.
+//
+// # Lifecycle
+//
+// New starts the receive goroutine; Close stops it, waits for it and closes
+// the subscription. The Redis client belongs to the caller.
+package invalidate
