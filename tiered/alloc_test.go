@@ -1,20 +1,26 @@
-//go:build !race
-
-// The race detector makes sync.Pool drop items at random, and ristretto's
-// Get takes its ring-buffer stripe from a sync.Pool: under -race the pool
-// refills would be counted as allocations of the hot path.
-
 package tiered
 
 import (
 	"context"
 	"testing"
 	"time"
+
+	"github.com/tiercache/tiercache/internal/racebuild"
 )
 
 // TestL1HitAllocs holds the promise of Get's documentation: an L1 hit
 // allocates nothing.
+//
+// testing.AllocsPerRun divides whole allocations by runs, so the one 512-byte
+// slice ristretto's access ring hands its policy every 64 Gets (in bare
+// ristretto too) reads as 0, while anything allocated per Get reads as >= 1.
 func TestL1HitAllocs(t *testing.T) {
+	if racebuild.Enabled {
+		// The detector makes sync.Pool drop items at random, and ristretto's
+		// Get takes its ring stripe from a sync.Pool: the refills would
+		// count as allocations of the hot path.
+		t.Skip("allocation counts are not meaningful under -race")
+	}
 	t.Run("struct", func(t *testing.T) {
 		testL1HitAllocs(t, user{ID: 7, Name: "alice", Roles: []string{"admin", "ops"}})
 	})

@@ -79,50 +79,49 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		c.st.l1Misses.Add(uint64(len(missing)))
 		return out, nil
 	}
-	ctx, cancel := c.opCtx(ctx)
-	defer cancel()
-	snaps := make([]snapshot, len(missing))
-	for i, k := range missing {
-		snaps[i] = c.snap(xxhash.Sum64String(k))
-	}
-	gen, err := c.generation(ctx, snaps[0])
-	if err != nil {
+	if err := ctx.Err(); err != nil {
 		return out, err
 	}
-	pipe := c.rdb.Pipeline()
-	gets := make([]*redis.StringCmd, len(missing))
-	ttls := make([]*redis.DurationCmd, len(missing))
+	// Through the flight group, key by key: a key another call is already
+	// reading is joined rather than read again, so no two fills of one key
+	// race in L1 (which could leave the older value there).
+	fkeys := make([]string, len(missing))
+	snaps := make(map[string]snapshot, len(missing)) // taken before the flights exist (see readL2)
 	for i, k := range missing {
-		dk := c.dataKey(gen, k)
-		gets[i] = pipe.Get(ctx, dk)
-		ttls[i] = pipe.PTTL(ctx, dk)
+		fkeys[i] = flightKey(k)
+		snaps[k] = c.snap(hashKey(k))
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		c.st.errors.Add(1)
-		return out, fmt.Errorf("tiered: get many: %w", err)
-	}
-	for i, k := range missing {
-		raw, err := gets[i].Bytes()
-		if err != nil {
-			c.st.l2Misses.Add(1)
-			continue
+	results := c.flights.DoMany(ctx, fkeys, c.opts.CommandTimeout, func(ctx context.Context, fkeys []string) (map[string]readResult[V], error) {
+		keys := make([]string, len(fkeys))
+		ss := make([]snapshot, len(fkeys))
+		for i, fk := range fkeys {
+			keys[i] = fk[1:]
+			ss[i] = snaps[keys[i]]
 		}
-		v, payload, found, err := c.decode(raw)
-		if err != nil {
-			c.dropCorrupt(ctx, c.dataKey(gen, k), raw, err)
-		}
-		if err != nil || !found {
-			c.st.l2Misses.Add(1)
-			continue
-		}
-		c.st.l2Hits.Add(1)
-		c.fill(k, xxhash.Sum64String(k), snaps[i], v, payload, len(raw), ttls[i].Val())
-		if c.opts.CopyOnRead {
-			if v, _, err = c.copyValue(v); err != nil {
-				return out, err
+		return c.readL2(ctx, keys, ss)
+	})
+	var errs []error
+	for i, r := range results {
+		switch {
+		case r.Err != nil:
+			errs = append(errs, r.Err)
+		case r.Val.found:
+			v := r.Val.val
+			if c.opts.CopyOnRead {
+				var err error
+				if v, _, err = c.copyValue(v); err != nil {
+					return out, err
+				}
 			}
+			out[missing[i]] = v
 		}
-		out[k] = v
+	}
+	if len(errs) > 0 {
+		if c.closing.Load() {
+			return out, ErrClosed // the flights were cancelled by Close
+		}
+		c.st.errors.Add(1)
+		return out, errs[0] // the same failure, usually, for every key of a run
 	}
 	return out, nil
 }

@@ -25,6 +25,8 @@ import (
 
 	"github.com/dgraph-io/ristretto/v2"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/invalidate"
 )
 
 // benchValue is the cached type: a small struct whose JSON encoding is
@@ -100,6 +102,62 @@ func benchKeys(prefix string) []string {
 	return keys
 }
 
+// benchHeartbeat is the Bus heartbeat of the benchmarks' instances. The
+// default (ping after 250 ms idle, dead after 1 s of silence) flapped
+// intermittently on the 2-vCPU benchmark VM at load average 10+ while the
+// CPU-bound L1 loops ran: every flap moves the Bus epoch and voids all of
+// L1, and the loop then measures 1,000 Redis reads instead of L1 hits. The
+// hit path does the same work whatever the timeout (one atomic load of the
+// epoch), so the benchmarks use a calmer heartbeat and fail if the Bus still
+// reconnects.
+var benchHeartbeat = invalidate.Options{HeartbeatInterval: time.Second, HeartbeatTimeout: 10 * time.Second}
+
+// benchProc is one simulated process: a client and one Bus, shared by all
+// its caches as in production (so a benchmark's PUBLISHes reach exactly one
+// Bus subscriber per process, as the bare set-then-publish's reach one).
+type benchProc struct {
+	rdb *redis.Client
+	bus *invalidate.Bus
+}
+
+func newBenchProc(b *testing.B) *benchProc {
+	b.Helper()
+	rdb := srv.Client(b)
+	bo := benchHeartbeat
+	bo.Prefix = srv.Prefix()
+	bus, err := invalidate.New(rdb, bo)
+	if err != nil {
+		b.Fatalf("invalidate.New: %v", err)
+	}
+	b.Cleanup(func() {
+		if st := bus.Stats(); st.Reconnects != 0 || !st.Live {
+			b.Errorf("the Bus lost its stream during the benchmark (%d reconnects, live %v): numbers polluted", st.Reconnects, st.Live)
+		}
+		bus.Close()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := bus.WaitLive(ctx); err != nil {
+		b.Fatalf("bus.WaitLive: %v", err)
+	}
+	return &benchProc{rdb: rdb, bus: bus}
+}
+
+// cache opens namespace ns (a fresh one if "") in this process.
+func (p *benchProc) cache(b *testing.B, ns string, opts Options) *Cache[benchValue] {
+	b.Helper()
+	if ns == "" {
+		ns = namespace(b)
+	}
+	opts.KeyPrefix = srv.Prefix()
+	c, err := New[benchValue](ns, p.rdb, p.bus, opts)
+	if err != nil {
+		b.Fatalf("New: %v", err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c
+}
+
 // preload stores v under every key through the cache: one script round trip.
 func preload(tb testing.TB, c *Cache[benchValue], keys []string, v benchValue) {
 	tb.Helper()
@@ -161,20 +219,30 @@ func l1Only(b *testing.B, c *Cache[benchValue]) func() {
 }
 
 // newBareRistretto returns a ristretto cache configured the usual way,
-// holding v under every key.
-func newBareRistretto(b *testing.B, keys []string, v benchValue, cost int64) *ristretto.Cache[string, benchValue] {
+// holding v under every key without a TTL. With asTiered it is configured
+// as the cache configures its L1 instead (Metrics on, entries with a TTL):
+// the diagnostic variant that shows what those two settings cost.
+func newBareRistretto(b *testing.B, keys []string, v benchValue, cost int64, asTiered bool) *ristretto.Cache[string, benchValue] {
 	b.Helper()
-	rc, err := ristretto.NewCache(&ristretto.Config[string, benchValue]{
+	cfg := &ristretto.Config[string, benchValue]{
 		NumCounters: 1e6,
 		MaxCost:     64 << 20,
 		BufferItems: 64,
-	})
+	}
+	ttl := time.Duration(0)
+	if asTiered {
+		cfg.NumCounters = max(1000, DefaultL1MaxCost/100)
+		cfg.MaxCost = DefaultL1MaxCost
+		cfg.Metrics = true
+		ttl = time.Hour
+	}
+	rc, err := ristretto.NewCache(cfg)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(rc.Close)
 	for _, k := range keys {
-		for !rc.Set(k, v, cost) { // dropped only when the set buffer is full
+		for !rc.SetWithTTL(k, v, cost, ttl) { // dropped only when the set buffer is full
 			runtime.Gosched()
 		}
 	}
@@ -192,155 +260,162 @@ var startOffset atomic.Uint64
 
 func nextStart() int { return int(startOffset.Add(389) % benchKeyCount) }
 
+// The benchmarks below run bare and ours back to back for each case (the
+// sub-benchmark names carry the impl first, as in "L1Hit/tiercache/1KiB/
+// serial", but the order of execution is case by case), so that a change in
+// the machine's load between the two halves of a ratio stays short. Note
+// that -count N repeats each sub-benchmark N times in a row; for strictly
+// paired samples run the binary N times with -count 1 (docs/benchmarks.md).
+
 // BenchmarkL1Hit compares a Get answered by L1 with a Get on a bare
-// ristretto cache holding the same value under the same keys.
+// ristretto cache holding the same value under the same keys. A third,
+// diagnostic variant, bare-ristretto+ttl+metrics, is ristretto configured as
+// the cache configures its L1.
 func BenchmarkL1Hit(b *testing.B) {
-	type fixture struct {
-		bare *ristretto.Cache[string, benchValue]
-		ours *Cache[benchValue]
-	}
 	keys := benchKeys("item:")
-	fx := make([]fixture, len(sizesAll))
-	for i, s := range sizesAll {
+	proc := newBenchProc(b)
+	for _, s := range sizesAll {
 		v, enc := makeBenchValue(b, s.n)
-		fx[i].bare = newBareRistretto(b, keys, v, int64(len(enc)))
-		fx[i].ours = newCache[benchValue](b, benchOpts)
-		preload(b, fx[i].ours, keys, v)
-		warmL1(b, fx[i].ours, keys)
-	}
-	ctx := context.Background()
-
-	b.Run("bare-ristretto", func(b *testing.B) {
-		for i, s := range sizesAll {
-			rc := fx[i].bare
-			b.Run(s.name, func(b *testing.B) {
-				b.Run("serial", func(b *testing.B) {
-					b.ReportAllocs()
-					j := 0
-					for b.Loop() {
-						if _, ok := rc.Get(keys[j]); !ok {
-							b.Fatal("miss")
-						}
-						if j++; j == len(keys) {
-							j = 0
-						}
-					}
-				})
-				b.Run("parallel", func(b *testing.B) {
-					b.ReportAllocs()
-					b.RunParallel(func(pb *testing.PB) {
-						j := nextStart()
-						for pb.Next() {
-							if _, ok := rc.Get(keys[j]); !ok {
-								panic("miss")
-							}
-							if j++; j == len(keys) {
-								j = 0
-							}
-						}
-					})
-				})
-			})
+		bare := newBareRistretto(b, keys, v, int64(len(enc)), false)
+		diag := newBareRistretto(b, keys, v, int64(len(enc)), true)
+		ours := proc.cache(b, "", benchOpts)
+		preload(b, ours, keys, v)
+		warmL1(b, ours, keys)
+		for _, mode := range []string{"serial", "parallel"} {
+			bareLoop, oursLoop := bareL1Serial, oursL1Serial
+			if mode == "parallel" {
+				bareLoop, oursLoop = bareL1Parallel, oursL1Parallel
+			}
+			b.Run("bare-ristretto/"+s.name+"/"+mode, func(b *testing.B) { bareLoop(b, bare, keys) })
+			b.Run("tiercache/"+s.name+"/"+mode, func(b *testing.B) { oursLoop(b, ours, keys) })
+			b.Run("bare-ristretto+ttl+metrics/"+s.name+"/"+mode, func(b *testing.B) { bareLoop(b, diag, keys) })
 		}
-	})
+	}
+}
 
-	b.Run("tiercache", func(b *testing.B) {
-		for i, s := range sizesAll {
-			c := fx[i].ours
-			b.Run(s.name, func(b *testing.B) {
-				b.Run("serial", func(b *testing.B) {
-					b.ReportAllocs()
-					check := l1Only(b, c)
-					j := 0
-					for b.Loop() {
-						if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
-							b.Fatal("miss", err)
-						}
-						if j++; j == len(keys) {
-							j = 0
-						}
-					}
-					check()
-				})
-				b.Run("parallel", func(b *testing.B) {
-					b.ReportAllocs()
-					check := l1Only(b, c)
-					b.RunParallel(func(pb *testing.PB) {
-						j := nextStart()
-						for pb.Next() {
-							if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
-								panic(fmt.Sprint("miss ", err))
-							}
-							if j++; j == len(keys) {
-								j = 0
-							}
-						}
-					})
-					check()
-				})
-			})
+// The four loops are written out rather than sharing a func-valued getter,
+// whose indirect call would add the same few ns to both sides and pull the
+// ratio towards 1.
+
+func bareL1Serial(b *testing.B, rc *ristretto.Cache[string, benchValue], keys []string) {
+	b.ReportAllocs()
+	j := 0
+	for b.Loop() {
+		if _, ok := rc.Get(keys[j]); !ok {
+			b.Fatal("miss")
+		}
+		if j++; j == len(keys) {
+			j = 0
+		}
+	}
+}
+
+func bareL1Parallel(b *testing.B, rc *ristretto.Cache[string, benchValue], keys []string) {
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		j := nextStart()
+		for pb.Next() {
+			if _, ok := rc.Get(keys[j]); !ok {
+				panic("miss")
+			}
+			if j++; j == len(keys) {
+				j = 0
+			}
 		}
 	})
 }
 
-// BenchmarkL2Hit compares a Get answered by Redis (no L1) with a go-redis
-// GET of the plain JSON bytes followed by json.Unmarshal.
-func BenchmarkL2Hit(b *testing.B) {
+func oursL1Serial(b *testing.B, c *Cache[benchValue], keys []string) {
+	b.ReportAllocs()
 	ctx := context.Background()
-	b.Run("bare-goredis-get+decode", func(b *testing.B) {
-		rdb := srv.Client(b)
-		for _, s := range sizesAll {
-			_, enc := makeBenchValue(b, s.n)
-			keys := benchKeys(srv.Prefix() + "bare-l2:" + s.name + ":")
-			preloadBare(b, rdb, keys, enc)
-			b.Run(s.name, func(b *testing.B) {
-				b.ReportAllocs()
-				j := 0
-				for b.Loop() {
-					raw, err := rdb.Get(ctx, keys[j]).Bytes()
-					if err != nil {
-						b.Fatal(err)
-					}
-					var v benchValue
-					if err := json.Unmarshal(raw, &v); err != nil {
-						b.Fatal(err)
-					}
-					if j++; j == len(keys) {
-						j = 0
-					}
-				}
-			})
+	check := l1Only(b, c)
+	j := 0
+	for b.Loop() {
+		if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+			b.Fatal("miss", err)
+		}
+		if j++; j == len(keys) {
+			j = 0
+		}
+	}
+	check()
+}
+
+func oursL1Parallel(b *testing.B, c *Cache[benchValue], keys []string) {
+	b.ReportAllocs()
+	ctx := context.Background()
+	check := l1Only(b, c)
+	b.RunParallel(func(pb *testing.PB) {
+		j := nextStart()
+		for pb.Next() {
+			if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+				panic(fmt.Sprint("miss ", err))
+			}
+			if j++; j == len(keys) {
+				j = 0
+			}
 		}
 	})
-	ours := func(name string, opts Options, sizes []benchSize) {
-		b.Run(name, func(b *testing.B) {
-			for _, s := range sizes {
-				v, _ := makeBenchValue(b, s.n)
-				c := newCache[benchValue](b, opts)
-				keys := benchKeys("l2:")
-				preload(b, c, keys, v)
-				b.Run(s.name, func(b *testing.B) {
-					b.ReportAllocs()
-					j := 0
-					for b.Loop() {
-						if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
-							b.Fatal("miss", err)
-						}
-						if j++; j == len(keys) {
-							j = 0
-						}
-					}
-				})
-			}
-		})
-	}
+	check()
+}
+
+// BenchmarkL2Hit compares a Get answered by Redis (ModeRedis: no L1) with a
+// go-redis GET of the plain JSON bytes followed by json.Unmarshal.
+func BenchmarkL2Hit(b *testing.B) {
+	ctx := context.Background()
+	rdb := srv.Client(b)
+	proc := newBenchProc(b)
 	redisOnly := benchOpts
 	redisOnly.Mode = ModeRedis
-	ours("tiercache", redisOnly, sizesAll)
-	// Default options compress values over 1 KiB; this variant isolates
-	// what compression costs (or saves) at 16 KiB.
-	redisOnly.CompressAbove = -1
-	ours("tiercache-nocompress", redisOnly, sizesAll[2:])
+	// Default options compress values over 1 KiB; the nocompress variant
+	// isolates what compression costs (or saves) at 16 KiB.
+	noCompress := redisOnly
+	noCompress.CompressAbove = -1
+
+	bare := func(b *testing.B, keys []string) {
+		b.ReportAllocs()
+		j := 0
+		for b.Loop() {
+			raw, err := rdb.Get(ctx, keys[j]).Bytes()
+			if err != nil {
+				b.Fatal(err)
+			}
+			var v benchValue
+			if err := json.Unmarshal(raw, &v); err != nil {
+				b.Fatal(err)
+			}
+			if j++; j == len(keys) {
+				j = 0
+			}
+		}
+	}
+	ours := func(b *testing.B, c *Cache[benchValue], keys []string) {
+		b.ReportAllocs()
+		j := 0
+		for b.Loop() {
+			if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+				b.Fatal("miss", err)
+			}
+			if j++; j == len(keys) {
+				j = 0
+			}
+		}
+	}
+	for _, s := range sizesAll {
+		v, enc := makeBenchValue(b, s.n)
+		bareKeys := benchKeys(srv.Prefix() + "bare-l2:" + s.name + ":")
+		preloadBare(b, rdb, bareKeys, enc)
+		keys := benchKeys("l2:")
+		c := proc.cache(b, "", redisOnly)
+		preload(b, c, keys, v)
+		b.Run("bare-goredis-get+decode/"+s.name, func(b *testing.B) { bare(b, bareKeys) })
+		b.Run("tiercache/"+s.name, func(b *testing.B) { ours(b, c, keys) })
+		if s.n > DefaultCompressAbove {
+			nc := proc.cache(b, "", noCompress)
+			preload(b, nc, keys, v)
+			b.Run("tiercache-nocompress/"+s.name, func(b *testing.B) { ours(b, nc, keys) })
+		}
+	}
 }
 
 // BenchmarkSet compares Set with a go-redis SET of the pre-encoded JSON, and
@@ -348,78 +423,66 @@ func BenchmarkL2Hit(b *testing.B) {
 // an invalidation (two round trips).
 func BenchmarkSet(b *testing.B) {
 	ctx := context.Background()
-	b.Run("bare-goredis-set", func(b *testing.B) {
-		rdb := srv.Client(b)
-		for _, s := range sizesSmall {
-			_, enc := makeBenchValue(b, s.n)
-			keys := benchKeys(srv.Prefix() + "bare-set:" + s.name + ":")
-			b.Run(s.name, func(b *testing.B) {
-				b.ReportAllocs()
-				j := 0
-				for b.Loop() {
-					if err := rdb.Set(ctx, keys[j], enc, time.Hour).Err(); err != nil {
-						b.Fatal(err)
-					}
-					if j++; j == len(keys) {
-						j = 0
-					}
+	rdb := srv.Client(b)
+	proc := newBenchProc(b)
+	// Like the Bus, one subscriber receives every invalidation published.
+	channel := srv.Prefix() + "bench-invalidations"
+	ps := srv.Client(b).Subscribe(ctx, channel)
+	b.Cleanup(func() { _ = ps.Close() })
+	if _, err := ps.Receive(ctx); err != nil {
+		b.Fatal(err)
+	}
+	msgs := ps.Channel()
+	go func() {
+		for range msgs {
+		}
+	}()
+
+	for _, s := range sizesSmall {
+		v, enc := makeBenchValue(b, s.n)
+		bareKeys := benchKeys(srv.Prefix() + "bare-set:" + s.name + ":")
+		c := proc.cache(b, "", benchOpts)
+		keys := benchKeys("set:")
+		b.Run("bare-goredis-set/"+s.name, func(b *testing.B) {
+			b.ReportAllocs()
+			j := 0
+			for b.Loop() {
+				if err := rdb.Set(ctx, bareKeys[j], enc, time.Hour).Err(); err != nil {
+					b.Fatal(err)
 				}
-			})
-		}
-	})
-	b.Run("bare-set-then-publish", func(b *testing.B) {
-		rdb := srv.Client(b)
-		// Like the Bus, one subscriber receives every invalidation.
-		channel := srv.Prefix() + "bench-invalidations"
-		ps := srv.Client(b).Subscribe(ctx, channel)
-		b.Cleanup(func() { _ = ps.Close() })
-		if _, err := ps.Receive(ctx); err != nil {
-			b.Fatal(err)
-		}
-		msgs := ps.Channel()
-		go func() {
-			for range msgs {
+				if j++; j == len(bareKeys) {
+					j = 0
+				}
 			}
-		}()
-		for _, s := range sizesSmall {
-			_, enc := makeBenchValue(b, s.n)
-			keys := benchKeys(srv.Prefix() + "bare-setpub:" + s.name + ":")
-			b.Run(s.name, func(b *testing.B) {
-				b.ReportAllocs()
-				j := 0
-				for b.Loop() {
-					if err := rdb.Set(ctx, keys[j], enc, time.Hour).Err(); err != nil {
-						b.Fatal(err)
-					}
-					if err := rdb.Publish(ctx, channel, keys[j]).Err(); err != nil {
-						b.Fatal(err)
-					}
-					if j++; j == len(keys) {
-						j = 0
-					}
+		})
+		b.Run("bare-set-then-publish/"+s.name, func(b *testing.B) {
+			b.ReportAllocs()
+			j := 0
+			for b.Loop() {
+				if err := rdb.Set(ctx, bareKeys[j], enc, time.Hour).Err(); err != nil {
+					b.Fatal(err)
 				}
-			})
-		}
-	})
-	b.Run("tiercache", func(b *testing.B) {
-		for _, s := range sizesSmall {
-			v, _ := makeBenchValue(b, s.n)
-			c := newCache[benchValue](b, benchOpts)
-			keys := benchKeys("set:")
-			b.Run(s.name, func(b *testing.B) {
-				b.ReportAllocs()
-				j := 0
-				for b.Loop() {
-					if err := c.Set(ctx, keys[j], v, time.Hour); err != nil {
-						b.Fatal(err)
-					}
-					if j++; j == len(keys) {
-						j = 0
-					}
+				if err := rdb.Publish(ctx, channel, bareKeys[j]).Err(); err != nil {
+					b.Fatal(err)
 				}
-			})
-		}
-	})
+				if j++; j == len(bareKeys) {
+					j = 0
+				}
+			}
+		})
+		b.Run("tiercache/"+s.name, func(b *testing.B) {
+			b.ReportAllocs()
+			j := 0
+			for b.Loop() {
+				if err := c.Set(ctx, keys[j], v, time.Hour); err != nil {
+					b.Fatal(err)
+				}
+				if j++; j == len(keys) {
+					j = 0
+				}
+			}
+		})
+	}
 }
 
 // BenchmarkPropagation measures, for every Set on instance A, the time from
@@ -427,8 +490,9 @@ func BenchmarkSet(b *testing.B) {
 // reports the median and 99th percentile.
 func BenchmarkPropagation(b *testing.B) {
 	ctx := context.Background()
-	fleet := newFleet[benchValue](b, srv, 2, benchOpts)
-	a, peer := fleet[0].c, fleet[1].c
+	ns := namespace(b)
+	a := newBenchProc(b).cache(b, ns, benchOpts)
+	peer := newBenchProc(b).cache(b, ns, benchOpts)
 	done := applied(peer)
 	v, _ := makeBenchValue(b, 100)
 	keys := benchKeys("prop:")
@@ -507,7 +571,7 @@ func BenchmarkGetMany(b *testing.B) {
 		}
 	})
 	setup := func(b *testing.B) (*Cache[benchValue], []string) {
-		c := newCache[benchValue](b, benchOpts)
+		c := newBenchProc(b).cache(b, "", benchOpts)
 		keys := benchKeys("many:")[:n]
 		preload(b, c, keys, v)
 		warmL1(b, c, keys)

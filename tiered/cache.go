@@ -87,6 +87,11 @@ type Cache[V any] struct {
 	// pre-check and right before the ristretto Set: the seam for proving that
 	// validation on read catches what slips past the pre-check.
 	beforeL1Store func(key string)
+	// flightStart runs when a read flight's goroutine starts, and
+	// beforeApply before a received invalidation is applied: seams for
+	// forcing a flight to start late and an invalidation to arrive late.
+	flightStart func(key string)
+	beforeApply func()
 }
 
 type readResult[V any] struct {
@@ -231,10 +236,19 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if err := ctx.Err(); err != nil {
 		return v, false, err
 	}
-	r, err, _ := c.flights.Do(ctx, "g"+key, c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
-		return c.readL2(ctx, key)
+	// The snapshot is taken before the flight exists (see readL2).
+	snap := c.snap(hashKey(key))
+	r, err, _ := c.flights.Do(ctx, flightKey(key), c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
+		if c.flightStart != nil {
+			c.flightStart(key)
+		}
+		m, err := c.readL2(ctx, []string{key}, []snapshot{snap})
+		return m[flightKey(key)], err
 	})
 	if err != nil {
+		if c.closing.Load() {
+			return v, false, ErrClosed // the flight was cancelled by Close
+		}
 		c.st.errors.Add(1)
 		return v, false, err
 	}
@@ -245,44 +259,64 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	return r.val, r.found, nil
 }
 
-// readL2 reads key from Redis with its remaining TTL and, unless an
-// invalidation intervened, stores the decoded value in L1.
-func (c *Cache[V]) readL2(ctx context.Context, key string) (readResult[V], error) {
-	h := xxhash.Sum64String(key)
-	s := c.snap(h)
-	gen, err := c.generation(ctx, s)
+// readL2 reads keys from Redis in one pipeline (GET and PTTL of each) and,
+// for each key no invalidation has touched since its snapshot, stores the
+// decoded value in L1. The result is keyed by flight key.
+//
+// It runs inside a flight, and snaps must have been read before that flight
+// was created, not when it starts running. An invalidation bumps the stripe
+// and then forgets the key's flight; a flight whose snapshot were read late,
+// after the bump, could carry the same snapshot as the flight created after
+// the Forget while having read an older value, and both fills would pass the
+// fence (TestFleet_Stress caught exactly this). Read early, any two flights
+// of a key that overlap are separated by a bump that voids the older one.
+func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) (map[string]readResult[V], error) {
+	gen, err := c.generation(ctx, snaps[0])
 	if err != nil {
-		return readResult[V]{}, err
+		return nil, err
 	}
-	dk := c.dataKey(gen, key)
 	pipe := c.rdb.Pipeline()
-	get := pipe.Get(ctx, dk)
-	pttl := pipe.PTTL(ctx, dk)
+	gets := make([]*redis.StringCmd, len(keys))
+	ttls := make([]*redis.DurationCmd, len(keys))
+	for i, k := range keys {
+		dk := c.dataKey(gen, k)
+		gets[i] = pipe.Get(ctx, dk)
+		ttls[i] = pipe.PTTL(ctx, dk)
+	}
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
-		return readResult[V]{}, fmt.Errorf("tiered: get %q: %w", key, err)
+		if len(keys) == 1 {
+			return nil, fmt.Errorf("tiered: get %q: %w", keys[0], err)
+		}
+		return nil, fmt.Errorf("tiered: get %d keys: %w", len(keys), err)
 	}
-	raw, err := get.Bytes()
-	if errors.Is(err, redis.Nil) {
-		c.st.l2Misses.Add(1)
-		return readResult[V]{}, nil
+	out := make(map[string]readResult[V], len(keys))
+	for i, k := range keys {
+		raw, err := gets[i].Bytes()
+		if err != nil { // redis.Nil
+			c.st.l2Misses.Add(1)
+			continue
+		}
+		val, payload, found, err := c.decode(raw)
+		if err != nil {
+			c.dropCorrupt(ctx, c.dataKey(gen, k), raw, err)
+		}
+		if err != nil || !found { // corrupt, or a tombstone
+			c.st.l2Misses.Add(1)
+			continue
+		}
+		c.st.l2Hits.Add(1)
+		if c.afterL2Read != nil {
+			c.afterL2Read(k)
+		}
+		c.fill(k, hashKey(k), snaps[i], val, payload, len(raw), ttls[i].Val())
+		out[flightKey(k)] = readResult[V]{val: val, found: true}
 	}
-	val, payload, found, err := c.decode(raw)
-	if err != nil {
-		c.dropCorrupt(ctx, dk, raw, err)
-		c.st.l2Misses.Add(1)
-		return readResult[V]{}, nil
-	}
-	if !found { // a tombstone
-		c.st.l2Misses.Add(1)
-		return readResult[V]{}, nil
-	}
-	c.st.l2Hits.Add(1)
-	if c.afterL2Read != nil {
-		c.afterL2Read(key)
-	}
-	c.fill(key, h, s, val, payload, len(raw), pttl.Val())
-	return readResult[V]{val: val, found: true}, nil
+	return out, nil
 }
+
+// flightKey is a key's name in the flight group; the prefix leaves room for
+// other kinds of flights (loads) over the same keys.
+func flightKey(key string) string { return "g" + key }
 
 // generation returns the namespace generation to build keys with. While the
 // Bus is live, flush messages keep the cached one current; otherwise a
@@ -403,7 +437,7 @@ func (c *Cache[V]) invalidateLocal(key string) {
 	if c.l1 != nil {
 		c.l1.Del(h)
 	}
-	c.flights.Forget("g" + key)
+	c.flights.Forget(flightKey(key))
 }
 
 func (c *Cache[V]) checkKey(key string) error {
@@ -493,6 +527,9 @@ func (h handler[V]) Invalidate(keys []string) {
 		return
 	}
 	defer leave()
+	if h.c.beforeApply != nil {
+		h.c.beforeApply()
+	}
 	for _, k := range keys {
 		h.c.invalidateLocal(k)
 	}

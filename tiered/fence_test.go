@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -216,4 +217,65 @@ func TestFence_ClearDuringFill(t *testing.T) {
 	if v, ok, err := reader.Get(ctx, "k"); ok || err != nil {
 		t.Fatalf("Get after Clear = %q, %v, %v; want a miss", v, ok, err)
 	}
+}
+
+// TestFence_FlightStartingAfterItsForget forces the race TestFleet_Stress
+// found: a read flight created before an invalidation, whose goroutine only
+// starts after it. The invalidation forgets the flight; if the flight took
+// its snapshot when it started, it would share the snapshot of the next
+// flight while holding an older value, and its late fill would replace the
+// newer one in L1: a reader would go back from v2 to v1.
+func TestFence_FlightStartingAfterItsForget(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	reader, writer := f[0].c, f[1].c
+	ctx := ctxT(t)
+	got := applied(reader)
+	_ = writer.Set(ctx, "k", "v0", 0)
+	await(t, got, "v0's invalidation")
+
+	startOld, readOld := make(chan struct{}), make(chan struct{})
+	oldStarted, oldRead := make(chan struct{}), make(chan struct{})
+	holding, release := make(chan struct{}), make(chan struct{})
+	var flights atomic.Int32
+	var holdNext atomic.Bool
+	// All seams are installed up front: installing one takes the cache's
+	// write lock, which would wait for the Get blocked in the old flight.
+	reader.setFlightHooks(func(string) {
+		if flights.Add(1) == 1 { // the old flight starts late
+			close(oldStarted)
+			<-startOld
+		}
+	}, func() {
+		if holdNext.CompareAndSwap(true, false) { // v2's invalidation arrives late
+			close(holding)
+			<-release
+		}
+	})
+	reader.setReadHook(func(string) {
+		if flights.Load() == 1 { // the old flight holds v1 between its read and its fill
+			close(oldRead)
+			<-readOld
+		}
+	})
+	oldResult := make(chan string)
+	go func() { v, _, _ := reader.Get(ctx, "k"); oldResult <- v }()
+	<-oldStarted
+
+	_ = writer.Set(ctx, "k", "v1", 0) // forgets the old flight
+	await(t, got, "v1's invalidation")
+	close(startOld)
+	<-oldRead
+
+	holdNext.Store(true)
+	_ = writer.Set(ctx, "k", "v2", 0)
+	<-holding
+	mustGet(t, reader, "k", "v2", "the new flight") // reads v2, fills L1
+	close(readOld)                                   // the old flight now fills v1
+	if v := <-oldResult; v != "v1" {
+		t.Fatalf("old flight returned %q, want v1", v)
+	}
+	reader.l1.Wait()
+	mustGet(t, reader, "k", "v2", "after the old flight's fill (reads must not go back)")
+	close(release)
+	await(t, got, "v2's invalidation")
 }

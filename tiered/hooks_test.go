@@ -24,3 +24,9 @@ func applied[V any](c *Cache[V]) <-chan struct{} {
 	c.mu.Unlock()
 	return ch
 }
+
+func (c *Cache[V]) setFlightHooks(flightStart func(key string), beforeApply func()) {
+	c.mu.Lock()
+	c.flightStart, c.beforeApply = flightStart, beforeApply
+	c.mu.Unlock()
+}

@@ -48,12 +48,22 @@ func (p *PanicError) Unwrap() error {
 	return err
 }
 
+// call is one key's share of a run.
 type call[T any] struct {
+	key     string
 	done    chan struct{}
 	val     T
 	err     error
+	waiters int // callers waiting for this key
+	run     *run
+}
+
+// run is one execution of fn, for one key (Do) or several (DoMany). It is
+// cancelled when its last waiter, over all its keys, has gone.
+type run struct {
 	waiters int
 	cancel  context.CancelFunc
+	keys    []string
 }
 
 // Group runs at most one function per key at a time. The zero value is not
@@ -82,43 +92,125 @@ func New[T any]() *Group[T] {
 // elapses, when every waiter has returned early, or on Close. Do returns
 // ctx.Err() as soon as ctx is done; the run goes on for the other waiters.
 func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn func(context.Context) (T, error)) (v T, err error, shared bool) {
+	rs := g.DoMany(ctx, []string{key}, timeout, func(ctx context.Context, _ []string) (map[string]T, error) {
+		v, err := fn(ctx)
+		return map[string]T{key: v}, err
+	})
+	return rs[0].Val, rs[0].Err, rs[0].Shared
+}
+
+// Result is one key's outcome of DoMany.
+type Result[T any] struct {
+	Val    T
+	Err    error
+	Shared bool // the value went to more than one caller
+}
+
+// DoMany is Do for several keys: keys already in flight (from Do or DoMany)
+// are joined, and all the others run together in one call of fn, which
+// returns a value per key (keys it leaves out get the zero T; its error goes
+// to every key it ran). Results come in the order of keys, duplicates
+// included. Cancellation works as for Do, counted over all the keys of a
+// run: the run is cancelled when no caller waits for any of its keys.
+func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Duration, fn func(ctx context.Context, keys []string) (map[string]T, error)) []Result[T] {
+	out := make([]Result[T], len(keys))
+	mine := make(map[string]*call[T], len(keys))
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
-		return v, ErrClosed, false
+		for i := range out {
+			out[i].Err = ErrClosed
+		}
+		return out
 	}
-	c, ok := g.calls[key]
-	if ok {
+	var fresh []*call[T]
+	for _, k := range keys {
+		if _, dup := mine[k]; dup {
+			continue
+		}
+		c, ok := g.calls[k]
+		if !ok {
+			c = &call[T]{key: k, done: make(chan struct{})}
+			g.calls[k] = c
+			fresh = append(fresh, c)
+		}
 		c.waiters++
-	} else {
-		c = g.start(ctx, key, timeout, fn)
+		if c.run != nil {
+			c.run.waiters++
+		}
+		mine[k] = c
+	}
+	if len(fresh) > 0 {
+		g.start(ctx, fresh, timeout, fn)
 	}
 	g.mu.Unlock()
 
+	for i, k := range keys {
+		c := mine[k]
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			// Keys whose runs finished before we left get their results;
+			// the rest get ctx's error, never the error of a run that our
+			// leaving cancelled.
+			finished := g.leave(mine)
+			for j := i; j < len(keys); j++ {
+				if c := mine[keys[j]]; finished[c] {
+					out[j] = Result[T]{Val: c.val, Err: c.err}
+				} else {
+					out[j].Err = ctx.Err()
+				}
+			}
+			return out
+		}
+		out[i] = Result[T]{Val: c.val, Err: c.err}
+	}
+	g.mu.Lock()
+	for i, k := range keys {
+		out[i].Shared = mine[k].waiters > 1
+	}
+	g.mu.Unlock()
+	return out
+}
+
+func isDone[T any](c *call[T]) bool {
 	select {
 	case <-c.done:
-		g.mu.Lock()
-		shared = c.waiters > 1
-		g.mu.Unlock()
-		return c.val, c.err, shared
-	case <-ctx.Done():
-		g.mu.Lock()
-		c.waiters--
-		if c.waiters == 0 {
-			// Nobody wants the result any more: cancel the run and make sure
-			// a later caller does not join a cancelled run.
-			c.cancel()
-			if g.calls[key] == c {
-				delete(g.calls, key)
-			}
-		}
-		g.mu.Unlock()
-		return v, ctx.Err(), false
+		return true
+	default:
+		return false
 	}
 }
 
-// start begins a run; g.mu is held.
-func (g *Group[T]) start(ctx context.Context, key string, timeout time.Duration, fn func(context.Context) (T, error)) *call[T] {
+// leave withdraws a caller that gave up from every call it waited on that
+// has not finished; a run nobody waits for any more is cancelled and its
+// keys detached, so a later caller never joins a cancelled run.
+// It reports which calls had already finished.
+func (g *Group[T]) leave(mine map[string]*call[T]) (finished map[*call[T]]bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	finished = make(map[*call[T]]bool)
+	for _, c := range mine {
+		if isDone(c) {
+			finished[c] = true
+			continue
+		}
+		c.waiters--
+		c.run.waiters--
+		if c.run.waiters == 0 {
+			c.run.cancel()
+			for _, k := range c.run.keys {
+				if other := g.calls[k]; other != nil && other.run == c.run {
+					delete(g.calls, k)
+				}
+			}
+		}
+	}
+	return finished
+}
+
+// start begins a run for calls; g.mu is held.
+func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Duration, fn func(context.Context, []string) (map[string]T, error)) {
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stopAfter := context.AfterFunc(g.ctx, cancel)
 	if timeout > 0 {
@@ -127,33 +219,42 @@ func (g *Group[T]) start(ctx context.Context, key string, timeout time.Duration,
 		prev := cancel
 		cancel = func() { cancelT(); prev() }
 	}
-	c := &call[T]{done: make(chan struct{}), waiters: 1, cancel: cancel}
-	g.calls[key] = c
+	keys := make([]string, len(calls))
+	r := &run{cancel: cancel, keys: keys}
+	for i, c := range calls {
+		c.run = r
+		r.waiters += c.waiters
+		keys[i] = c.key
+	}
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
+		var vals map[string]T
+		var err error
 		normal := false
 		defer func() {
 			if !normal {
-				if r := recover(); r != nil {
-					c.err = &PanicError{Value: r, Stack: debug.Stack()}
+				if p := recover(); p != nil {
+					err = &PanicError{Value: p, Stack: debug.Stack()}
 				} else {
-					c.err = errGoexit
+					err = errGoexit
 				}
 			}
 			stopAfter()
 			cancel()
 			g.mu.Lock()
-			if g.calls[key] == c {
-				delete(g.calls, key)
+			for _, c := range calls {
+				if g.calls[c.key] == c {
+					delete(g.calls, c.key)
+				}
+				c.val, c.err = vals[c.key], err
+				close(c.done)
 			}
 			g.mu.Unlock()
-			close(c.done)
 		}()
-		c.val, c.err = fn(runCtx)
+		vals, err = fn(runCtx, keys)
 		normal = true
 	}()
-	return c
 }
 
 // Forget makes the next Do for key start a new run even if one is in
