@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -236,6 +237,9 @@ func TestFence_FlightStartingAfterItsForget(t *testing.T) {
 	startOld, readOld := make(chan struct{}), make(chan struct{})
 	oldStarted, oldRead := make(chan struct{}), make(chan struct{})
 	holding, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	releaseBus := func() { releaseOnce.Do(func() { close(release) }) }
+	defer releaseBus() // on failure too, or Close would wait for the held handler
 	var flights atomic.Int32
 	var holdNext atomic.Bool
 	// All seams are installed up front: installing one takes the cache's
@@ -276,6 +280,6 @@ func TestFence_FlightStartingAfterItsForget(t *testing.T) {
 	}
 	reader.l1.Wait()
 	mustGet(t, reader, "k", "v2", "after the old flight's fill (reads must not go back)")
-	close(release)
+	releaseBus()
 	await(t, got, "v2's invalidation")
 }
