@@ -58,17 +58,16 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		}
 		if c.l1 != nil {
 			h := xxhash.Sum64String(k)
-			if e, hit := c.l1.Get(h); hit {
-				if c.valid(e, h, k) {
-					v, _, err := c.readEntry(e)
-					if err != nil {
-						return out, err
-					}
-					out[k] = v
-					continue
+			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
+				v, _, err := c.readEntry(e)
+				if err != nil {
+					return out, err
 				}
-				c.st.l1Rejected.Add(1)
+				c.hits.add(h)
+				out[k] = v
+				continue
 			}
+			c.st.l1Misses.Add(1)
 		}
 		missing = append(missing, k)
 	}
@@ -76,7 +75,6 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		return out, nil
 	}
 	if c.rdb == nil {
-		c.st.l1Misses.Add(uint64(len(missing)))
 		return out, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -246,13 +244,15 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration)
 	c.invalidateLocal(key)
 	h := xxhash.Sum64String(key)
 	ttl = min(c.jitter(ttl), c.jitter(c.opts.L1TTL))
-	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load()}
+	if ttl <= clockTick {
+		return
+	}
+	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(),
+		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
 	if c.opts.CopyOnRead {
 		e.raw, _ = encode(c.opts.Codec, v)
 	}
-	if c.l1.SetWithTTL(h, e, int64(len(payload)+len(key)+entryCost), ttl) {
-		c.l1.Wait()
-	}
+	c.store(h, e)
 	c.st.writes.Add(1)
 }
 

@@ -34,12 +34,14 @@ const (
 // entry is what L1 holds: the decoded value plus the fence snapshot taken
 // before the read that produced it. It is immutable once stored.
 type entry[V any] struct {
-	key    string
-	val    V
-	raw    []byte // the encoded payload, kept only with CopyOnRead
-	stripe uint64
-	ns     uint64
-	epoch  uint64
+	key     string
+	val     V
+	raw     []byte // the encoded payload, kept only with CopyOnRead
+	stripe  uint64
+	ns      uint64
+	epoch   uint64
+	expires int64 // coarse-clock unix ns
+	cost    int64
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -58,6 +60,8 @@ type Cache[V any] struct {
 	rdb  redis.UniversalClient // nil in ModeMemory
 	bus  *invalidate.Bus       // nil in ModeMemory
 	l1   *ristretto.Cache[uint64, *entry[V]]
+	clk  *coarseClock // nil without L1
+	hits hitCounter
 
 	stripes []atomic.Uint64
 	nsEpoch atomic.Uint64 // bumped by Clear and received flushes
@@ -133,15 +137,26 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		c.rdb, c.bus = rdb, bus
 	}
 	if opts.Mode != ModeRedis && opts.L1TTL > 0 {
+		// No ristretto Metrics: its hit counter is one more contended atomic
+		// on every hit. We count hits ourselves and keys and bytes through
+		// the callbacks, off the hot path.
 		c.l1, err = ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
 			NumCounters: max(1000, opts.L1MaxCost/100),
 			MaxCost:     opts.L1MaxCost,
 			BufferItems: 64,
-			Metrics:     true,
+			OnEvict:     func(*ristretto.Item[*entry[V]]) { c.st.l1Evicted.Add(1) },
+			OnReject:    func(*ristretto.Item[*entry[V]]) { c.st.l1Rejected.Add(1) },
+			OnExit: func(e *entry[V]) {
+				if e != nil {
+					c.st.l1Exits.Add(1)
+					c.st.l1ExitCost.Add(uint64(e.cost))
+				}
+			},
 		})
 		if err != nil {
 			return nil, fmt.Errorf("tiered: L1: %w", err)
 		}
+		c.clk = startClock()
 	}
 	if c.bus != nil {
 		// Register before reading the generation, so a flush published
@@ -183,23 +198,23 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
-		if e, hit := c.l1.Get(h); hit {
-			if c.valid(e, h, key) {
-				if c.opts.CopyOnRead {
-					return c.decodeCopy(e)
-				}
-				return e.val, true, nil
+		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
+			c.hits.add(h)
+			if c.opts.CopyOnRead {
+				return c.decodeCopy(e)
 			}
-			c.st.l1Rejected.Add(1)
+			return e.val, true, nil
 		}
 	}
 	return c.getSlow(ctx, key)
 }
 
-// valid is the fence: an L1 entry counts only if nothing that could have
-// changed its key happened since the read that produced it.
+// valid is the fence: an L1 entry counts only if it has not expired and
+// nothing that could have changed its key happened since the read that
+// produced it.
 func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 	return e.key == key &&
+		e.expires > c.clk.now.Load() &&
 		e.stripe == c.stripes[h&stripeMask].Load() &&
 		e.ns == c.nsEpoch.Load() &&
 		e.epoch == c.busEpoch()
@@ -229,8 +244,10 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 		return v, false, err
 	}
 	defer leave()
-	if c.rdb == nil {
+	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
+	}
+	if c.rdb == nil {
 		return v, false, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -357,18 +374,29 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte,
 	case l2TTL >= 0 && l2TTL < ttl:
 		ttl = l2TTL
 	}
-	if ttl <= 0 {
+	if ttl <= clockTick {
 		return
 	}
-	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch}
+	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
+		expires: expiry(ttl), cost: int64(size + len(key) + entryCost)}
 	if c.opts.CopyOnRead {
 		e.raw = payload
 	}
 	if c.beforeL1Store != nil {
 		c.beforeL1Store(key)
 	}
-	if c.l1.SetWithTTL(h, e, int64(size+len(key)+entryCost), ttl) {
+	c.store(h, e)
+}
+
+// store hands e to ristretto (no TTL: e carries its own expiry) and waits
+// until it is visible.
+func (c *Cache[V]) store(h uint64, e *entry[V]) {
+	if c.l1.Set(h, e, e.cost) {
+		c.st.l1Sets.Add(1)
+		c.st.l1SetCost.Add(uint64(e.cost))
 		c.l1.Wait()
+	} else {
+		c.st.l1Dropped.Add(1)
 	}
 }
 
@@ -515,6 +543,7 @@ func (c *Cache[V]) teardown() {
 	c.flights.Close()
 	if c.l1 != nil {
 		c.l1.Close()
+		c.clk.stopClock()
 	}
 }
 

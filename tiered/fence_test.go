@@ -274,7 +274,7 @@ func TestFence_FlightStartingAfterItsForget(t *testing.T) {
 	_ = writer.Set(ctx, "k", "v2", 0)
 	<-holding
 	mustGet(t, reader, "k", "v2", "the new flight") // reads v2, fills L1
-	close(readOld)                                   // the old flight now fills v1
+	close(readOld)                                  // the old flight now fills v1
 	if v := <-oldResult; v != "v1" {
 		t.Fatalf("old flight returned %q, want v1", v)
 	}

@@ -7,14 +7,17 @@ import (
 	"time"
 )
 
-// counters are the cache's own figures; each is touched only on slow paths.
-// L1 hits are not counted here: ristretto counts them (off our hot path) and
-// l1Rejected corrects for entries the fence refused.
+// counters are the cache's own figures; each is touched only on slow paths
+// (L1 hits are counted in Cache.hits, striped for the hot path).
 type counters struct {
-	l1Rejected, l1Misses atomic.Uint64
-	l2Hits, l2Misses     atomic.Uint64
-	writes, errors       atomic.Uint64
-	corrupt              atomic.Uint64
+	l1Misses              atomic.Uint64 // reads L1 could not answer (absent, expired or fenced off)
+	l1Sets, l1SetCost     atomic.Uint64 // entries handed to ristretto, and their cost
+	l1Exits, l1ExitCost   atomic.Uint64 // entries that left it (replaced, deleted, evicted, rejected)
+	l1Evicted, l1Rejected atomic.Uint64 // evictions for space; admission rejections
+	l1Dropped             atomic.Uint64 // fills ristretto's buffer had no room for
+	l2Hits, l2Misses      atomic.Uint64
+	writes, errors        atomic.Uint64
+	corrupt               atomic.Uint64
 }
 
 // TierStats counts reads answered by one tier.
@@ -39,12 +42,13 @@ type Stats struct {
 	// Type is the mode: "tiered", "memory" or "redis".
 	Type string `json:"type"`
 	// Keys and Memory describe L1: entries held and their cost in bytes
-	// (approximate; expired entries linger until ristretto's cleanup).
+	// (approximate: an expired entry stays until it is refilled or evicted
+	// for space; L1MaxCost bounds it all).
 	Keys   uint64 `json:"keys"`
 	Memory uint64 `json:"memory"`
 	// HitRatio is the share of reads answered by either tier.
 	HitRatio float64 `json:"hitRatio"`
-	// Evictions counts L1 entries removed for space, expiry or invalidation.
+	// Evictions counts L1 entries evicted to make room.
 	Evictions uint64 `json:"evictions"`
 	// L1SetsDropped and L1SetsRejected count fills L1 refused (buffer full,
 	// or admission judged the key too cold): high values mean L1 is too
@@ -73,19 +77,15 @@ func (c *Cache[V]) Stats() Stats {
 		Corrupt: c.st.corrupt.Load(),
 		Uptime:  time.Since(c.start),
 	}
-	rejected := c.st.l1Rejected.Load()
-	l1Misses := c.st.l1Misses.Load()
 	if c.l1 != nil {
-		m := c.l1.Metrics
-		hits := m.Hits()
-		s.L1 = tier(hits-min(hits, rejected), m.Misses()+rejected)
-		s.Keys = m.KeysAdded() - min(m.KeysAdded(), m.KeysEvicted())
-		s.Memory = m.CostAdded() - min(m.CostAdded(), m.CostEvicted())
-		s.Evictions = m.KeysEvicted()
-		s.L1SetsDropped = m.SetsDropped()
-		s.L1SetsRejected = m.SetsRejected()
-	} else if c.rdb == nil {
-		s.L1 = tier(0, l1Misses)
+		s.L1 = tier(c.hits.load(), c.st.l1Misses.Load())
+		exits, sets := c.st.l1Exits.Load(), c.st.l1Sets.Load()
+		s.Keys = sets - min(sets, exits)
+		exitCost, setCost := c.st.l1ExitCost.Load(), c.st.l1SetCost.Load()
+		s.Memory = setCost - min(setCost, exitCost)
+		s.Evictions = c.st.l1Evicted.Load()
+		s.L1SetsDropped = c.st.l1Dropped.Load()
+		s.L1SetsRejected = c.st.l1Rejected.Load()
 	}
 	s.L2 = tier(c.st.l2Hits.Load(), c.st.l2Misses.Load())
 	total := s.L1.Hits + s.L1.Misses
