@@ -491,6 +491,10 @@ func (b *Bus) resync(ctx context.Context) error {
 
 func (b *Bus) dispatch(payload string) {
 	b.received.Add(1)
+	if isOwn(payload, &b.origin) {
+		b.own.Add(1) // see below; checked before decoding, as every write echoes here
+		return
+	}
 	var m Message
 	if err := m.UnmarshalBinary([]byte(payload)); err != nil {
 		// It may have been an invalidation we cannot read (a newer
@@ -522,4 +526,11 @@ func (b *Bus) dispatch(payload string) {
 		h.Flush(m.Gen)
 	}
 	b.applied.Add(1)
+}
+
+// isOwn reports whether an encoded message (version 1: magic, version,
+// kind, flags, then the 16-byte origin) comes from origin, without decoding
+// it.
+func isOwn(payload string, origin *[16]byte) bool {
+	return len(payload) >= 20 && payload[0] == msgMagic && payload[1] == msgVersion && payload[4:20] == string(origin[:])
 }

@@ -135,24 +135,34 @@ func (c *Cache[V]) readEntry(e *entry[V]) (V, bool, error) {
 // one invalidation message per batch of up to 1,000 keys, each batch one
 // atomic round trip.
 func (c *Cache[V]) SetMany(ctx context.Context, items map[string]V, ttl time.Duration) error {
+	keys := make([]string, 0, len(items))
+	vals := make([]V, 0, len(items))
+	for k, v := range items {
+		keys = append(keys, k)
+		vals = append(vals, v)
+	}
+	return c.set(ctx, keys, vals, ttl)
+}
+
+// set is Set and SetMany: validate and encode everything first, so bad
+// input writes nothing, then write.
+func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Duration) error {
 	if ttl < 0 {
 		return fmt.Errorf("%w: %v", ErrInvalidTTL, ttl)
 	}
 	if ttl == 0 {
 		ttl = c.opts.TTL
 	}
-	keys := make([]string, 0, len(items))
-	payloads := make([][]byte, 0, len(items))
-	for k, v := range items {
+	payloads := make([][]byte, len(keys))
+	for i, k := range keys {
 		if err := c.checkKey(k); err != nil {
 			return err
 		}
-		p, err := c.encodeValue(v)
+		p, err := c.encodeValue(vals[i])
 		if err != nil {
 			return fmt.Errorf("tiered: set %q: %w", k, err)
 		}
-		keys = append(keys, k)
-		payloads = append(payloads, p)
+		payloads[i] = p
 	}
 	leave, err := c.enter()
 	if err != nil {
@@ -161,7 +171,7 @@ func (c *Cache[V]) SetMany(ctx context.Context, items map[string]V, ttl time.Dur
 	defer leave()
 	if c.rdb == nil {
 		for i, k := range keys {
-			c.setMemory(k, items[k], payloads[i], ttl)
+			c.setMemory(k, vals[i], payloads[i], ttl)
 		}
 		return nil
 	}

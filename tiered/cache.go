@@ -292,15 +292,25 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 	if err != nil {
 		return nil, err
 	}
-	pipe := c.rdb.Pipeline()
+	// PTTL only matters for the L1 entry's lifetime; without L1 a key is
+	// one GET (and a single key without a pipeline at all).
 	gets := make([]*redis.StringCmd, len(keys))
 	ttls := make([]*redis.DurationCmd, len(keys))
-	for i, k := range keys {
-		dk := c.dataKey(gen, k)
-		gets[i] = pipe.Get(ctx, dk)
-		ttls[i] = pipe.PTTL(ctx, dk)
+	if c.l1 == nil && len(keys) == 1 {
+		gets[0] = c.rdb.Get(ctx, c.dataKey(gen, keys[0]))
+		err = gets[0].Err()
+	} else {
+		pipe := c.rdb.Pipeline()
+		for i, k := range keys {
+			dk := c.dataKey(gen, k)
+			gets[i] = pipe.Get(ctx, dk)
+			if c.l1 != nil {
+				ttls[i] = pipe.PTTL(ctx, dk)
+			}
+		}
+		_, err = pipe.Exec(ctx)
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+	if err != nil && !errors.Is(err, redis.Nil) {
 		if len(keys) == 1 {
 			return nil, fmt.Errorf("tiered: get %q: %w", keys[0], err)
 		}
@@ -325,7 +335,9 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 		if c.afterL2Read != nil {
 			c.afterL2Read(k)
 		}
-		c.fill(k, hashKey(k), snaps[i], val, payload, len(raw), ttls[i].Val())
+		if c.l1 != nil { // without L1 there is nothing to fill or to go back to
+			c.fill(k, hashKey(k), snaps[i], val, payload, len(raw), ttls[i].Val())
+		}
 		out[flightKey(k)] = readResult[V]{val: val, found: true}
 	}
 	return out, nil
@@ -358,13 +370,26 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 }
 
 // fill stores a value read under snapshot s in L1, unless the snapshot is
-// already stale. A stale fill that slips past this check is still harmless:
-// valid rejects it on every read. The Wait makes the entry visible before the
-// fill returns, so a later read cannot start a second fill whose queued Set
-// ristretto would drop in favour of this one (pitfalls R1, R3): reads on one
-// instance stay monotonic.
+// already stale, in which case it voids the key (see below). A stale fill
+// that slips past this check is still harmless: valid rejects it on every
+// read. The Wait makes the entry visible before the fill returns, so a later
+// read cannot start a second fill whose queued Set ristretto would drop in
+// favour of this one (pitfalls R1, R3).
+//
+// Together with snapshots taken before a flight exists and invalidations
+// that bump and forget in one step, this keeps reads on one instance
+// monotonic: once a read has returned a value, no later read on the
+// instance returns an older one (TestFleet_Stress checks it per reader).
 func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte, size int, l2TTL time.Duration) {
-	if c.l1 == nil || !c.current(h, s) {
+	if s != c.snap(h) {
+		// Something voided this key while we read it, so L1 may now hold a
+		// valid entry from a flight that started after that and yet read
+		// Redis before us: older than the value we are about to return.
+		// Void it too, so no read on this instance goes back from ours.
+		c.invalidateLocal(key)
+		return
+	}
+	if s.epoch&1 == 1 { // the stream is not live: nothing may be trusted to L1
 		return
 	}
 	ttl := c.jitter(c.opts.L1TTL)
@@ -410,7 +435,7 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 // invalidated either way. In ModeMemory Set stores v in L1 only, best
 // effort: L1 admission may drop it.
 func (c *Cache[V]) Set(ctx context.Context, key string, v V, ttl time.Duration) error {
-	return c.SetMany(ctx, map[string]V{key: v}, ttl)
+	return c.set(ctx, []string{key}, []V{v}, ttl)
 }
 
 // Delete removes key from Redis and from every instance's L1. It leaves a
@@ -457,15 +482,27 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 }
 
 // invalidateLocal voids key in this process: bump its stripe (every entry
-// filled before now is rejected), drop the entry, and detach any in-flight
-// read so a later caller does not join a read that started before.
+// filled before now is rejected) and detach any in-flight read so a later
+// caller does not join a read that started before, then drop the entry.
+//
+// The bump and the detach are one step as far as flights are concerned.
+// Done apart, a reader could snapshot the bumped stripe, start a flight,
+// and have that flight detached by the late Forget: the next flight would
+// share its snapshot, and the one that read Redis first could land in L1
+// last with a valid snapshot (TestFleet_Stress caught this).
 func (c *Cache[V]) invalidateLocal(key string) {
 	h := xxhash.Sum64String(key)
-	c.stripes[h&stripeMask].Add(1)
+	c.flights.Forget(flightKey(key), func() { c.stripes[h&stripeMask].Add(1) })
 	if c.l1 != nil {
 		c.l1.Del(h)
 	}
-	c.flights.Forget(flightKey(key))
+}
+
+// invalidateAll voids the whole namespace in this process: a new namespace
+// epoch, and every in-flight read detached, in one step (see
+// invalidateLocal).
+func (c *Cache[V]) invalidateAll() {
+	c.flights.ForgetAll(func() { c.nsEpoch.Add(1) })
 }
 
 func (c *Cache[V]) checkKey(key string) error {
@@ -574,7 +611,7 @@ func (h handler[V]) Flush(gen uint64) {
 	}
 	defer leave()
 	h.c.nsGen.Store(gen)
-	h.c.nsEpoch.Add(1)
+	h.c.invalidateAll()
 	if h.c.afterApply != nil {
 		h.c.afterApply()
 	}
@@ -586,6 +623,9 @@ func (h handler[V]) Resync(ctx context.Context) error {
 		return nil
 	}
 	defer leave()
+	// The Bus moves to a new epoch after this, which voids every entry;
+	// reads in flight from before the gap must not be joined either.
+	h.c.flights.ForgetAll(nil)
 	if h.c.opts.PlainJSON {
 		return nil
 	}

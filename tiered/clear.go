@@ -36,7 +36,7 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 		return err
 	}
 	defer leave()
-	defer c.nsEpoch.Add(1)
+	defer c.invalidateAll()
 	if c.rdb == nil {
 		return nil
 	}
@@ -75,7 +75,7 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	}
 	defer leave()
 	if c.rdb == nil {
-		c.nsEpoch.Add(1) // L1 cannot be scanned by pattern: drop it all
+		c.invalidateAll() // L1 cannot be scanned by pattern: drop it all
 		return 0, nil
 	}
 	return c.deletePattern(ctx, pattern, false)
@@ -140,7 +140,7 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	var msg []byte
 	var merr error
 	if flush || len(userKeys) > batchLimit {
-		c.nsEpoch.Add(1)
+		c.invalidateAll()
 		var p []byte
 		if p, merr = c.bus.FlushMessagePrefix(c.name); merr == nil {
 			msg = binary.AppendUvarint(p, gen)

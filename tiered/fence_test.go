@@ -283,3 +283,69 @@ func TestFence_FlightStartingAfterItsForget(t *testing.T) {
 	releaseBus()
 	await(t, got, "v2's invalidation")
 }
+
+// TestFence_StaleFlightReturnsNewerValue forces the third race
+// TestFleet_Stress found. An old flight (its key invalidated while it ran)
+// reads Redis after a newer flight did, so it returns a newer value than the
+// one the newer flight stores in L1 with a valid snapshot. Unless the old
+// flight voids the key on its way out, its caller's next read goes back.
+func TestFence_StaleFlightReturnsNewerValue(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	reader, writer := f[0].c, f[1].c
+	ctx := ctxT(t)
+	got := applied(reader)
+	_ = writer.Set(ctx, "k", "v0", 0)
+	await(t, got, "v0's invalidation")
+
+	startOld, oldStarted := make(chan struct{}), make(chan struct{})
+	storeNew, newStoring := make(chan struct{}), make(chan struct{})
+	holding, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	releaseBus := func() { releaseOnce.Do(func() { close(release) }) }
+	defer releaseBus()
+	var flights atomic.Int32
+	var holdNext atomic.Bool
+	reader.setFlightHooks(func(string) {
+		if flights.Add(1) == 1 { // the old flight waits before reading
+			close(oldStarted)
+			<-startOld
+		}
+	}, func() {
+		if holdNext.CompareAndSwap(true, false) {
+			close(holding)
+			<-release
+		}
+	})
+	var stores atomic.Int32
+	reader.setStoreHook(func(string) { // the new flight's store waits
+		if stores.Add(1) == 1 {
+			close(newStoring)
+			<-storeNew
+		}
+	})
+
+	oldResult := make(chan string)
+	go func() { v, _, _ := reader.Get(ctx, "k"); oldResult <- v }()
+	<-oldStarted
+	_ = writer.Set(ctx, "k", "v1", 0) // detaches the old flight
+	await(t, got, "v1's invalidation")
+	newResult := make(chan string)
+	go func() { v, _, _ := reader.Get(ctx, "k"); newResult <- v }() // the new flight reads v1
+	<-newStoring
+
+	holdNext.Store(true)
+	_ = writer.Set(ctx, "k", "v2", 0) // its invalidation is held back at the reader
+	<-holding
+	close(startOld) // the old flight reads v2 and returns it
+	if v := <-oldResult; v != "v2" {
+		t.Fatalf("old flight returned %q, want v2", v)
+	}
+	close(storeNew) // the new flight now stores v1 with a snapshot that was valid
+	if v := <-newResult; v != "v1" {
+		t.Fatalf("new flight returned %q, want v1", v)
+	}
+	reader.l1.Wait()
+	// The caller that saw v2 reads again, before v2's invalidation arrives.
+	mustGet(t, reader, "k", "v2", "after having seen v2 (reads must not go back)")
+	releaseBus()
+}

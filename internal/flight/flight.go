@@ -71,16 +71,14 @@ type run struct {
 type Group[T any] struct {
 	mu     sync.Mutex
 	calls  map[string]*call[T]
+	runs   map[*run]struct{} // in progress, for Close
 	closed bool
 	wg     sync.WaitGroup
-	ctx    context.Context // cancelled by Close
-	cancel context.CancelFunc
 }
 
 // New returns an empty Group.
 func New[T any]() *Group[T] {
-	ctx, cancel := context.WithCancel(context.Background())
-	return &Group[T]{calls: make(map[string]*call[T]), ctx: ctx, cancel: cancel}
+	return &Group[T]{calls: make(map[string]*call[T]), runs: make(map[*run]struct{})}
 }
 
 // Do runs fn for key unless a run for key is already in flight, in which case
@@ -92,11 +90,38 @@ func New[T any]() *Group[T] {
 // elapses, when every waiter has returned early, or on Close. Do returns
 // ctx.Err() as soon as ctx is done; the run goes on for the other waiters.
 func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn func(context.Context) (T, error)) (v T, err error, shared bool) {
-	rs := g.DoMany(ctx, []string{key}, timeout, func(ctx context.Context, _ []string) (map[string]T, error) {
-		v, err := fn(ctx)
-		return map[string]T{key: v}, err
-	})
-	return rs[0].Val, rs[0].Err, rs[0].Shared
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return v, ErrClosed, false
+	}
+	c, ok := g.calls[key]
+	if ok {
+		c.waiters++
+		c.run.waiters++
+	} else {
+		c = &call[T]{key: key, done: make(chan struct{}), waiters: 1}
+		g.calls[key] = c
+		g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
+			v, err := fn(ctx)
+			c.val = v
+			return err
+		})
+	}
+	g.mu.Unlock()
+
+	select {
+	case <-c.done:
+		g.mu.Lock()
+		shared = c.waiters > 1
+		g.mu.Unlock()
+		return c.val, c.err, shared
+	case <-ctx.Done():
+		if finished := g.leave([]*call[T]{c}); finished[c] {
+			return c.val, c.err, false
+		}
+		return v, ctx.Err(), false
+	}
 }
 
 // Result is one key's outcome of DoMany.
@@ -115,6 +140,7 @@ type Result[T any] struct {
 func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Duration, fn func(ctx context.Context, keys []string) (map[string]T, error)) []Result[T] {
 	out := make([]Result[T], len(keys))
 	mine := make(map[string]*call[T], len(keys))
+	var waiting []*call[T]
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
@@ -129,19 +155,29 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 			continue
 		}
 		c, ok := g.calls[k]
-		if !ok {
-			c = &call[T]{key: k, done: make(chan struct{})}
+		if ok {
+			c.waiters++
+			c.run.waiters++
+		} else {
+			c = &call[T]{key: k, done: make(chan struct{}), waiters: 1}
 			g.calls[k] = c
 			fresh = append(fresh, c)
 		}
-		c.waiters++
-		if c.run != nil {
-			c.run.waiters++
-		}
 		mine[k] = c
+		waiting = append(waiting, c)
 	}
 	if len(fresh) > 0 {
-		g.start(ctx, fresh, timeout, fn)
+		g.start(ctx, fresh, timeout, func(ctx context.Context) error {
+			ks := make([]string, len(fresh))
+			for i, c := range fresh {
+				ks[i] = c.key
+			}
+			vals, err := fn(ctx, ks)
+			for _, c := range fresh {
+				c.val = vals[c.key]
+			}
+			return err
+		})
 	}
 	g.mu.Unlock()
 
@@ -153,7 +189,7 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 			// Keys whose runs finished before we left get their results;
 			// the rest get ctx's error, never the error of a run that our
 			// leaving cancelled.
-			finished := g.leave(mine)
+			finished := g.leave(waiting)
 			for j := i; j < len(keys); j++ {
 				if c := mine[keys[j]]; finished[c] {
 					out[j] = Result[T]{Val: c.val, Err: c.err}
@@ -184,13 +220,13 @@ func isDone[T any](c *call[T]) bool {
 
 // leave withdraws a caller that gave up from every call it waited on that
 // has not finished; a run nobody waits for any more is cancelled and its
-// keys detached, so a later caller never joins a cancelled run.
-// It reports which calls had already finished.
-func (g *Group[T]) leave(mine map[string]*call[T]) (finished map[*call[T]]bool) {
+// keys detached, so a later caller never joins a cancelled run. It reports
+// which calls had already finished.
+func (g *Group[T]) leave(calls []*call[T]) (finished map[*call[T]]bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	finished = make(map[*call[T]]bool)
-	for _, c := range mine {
+	for _, c := range calls {
 		if isDone(c) {
 			finished[c] = true
 			continue
@@ -209,27 +245,26 @@ func (g *Group[T]) leave(mine map[string]*call[T]) (finished map[*call[T]]bool) 
 	return finished
 }
 
-// start begins a run for calls; g.mu is held.
-func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Duration, fn func(context.Context, []string) (map[string]T, error)) {
-	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	stopAfter := context.AfterFunc(g.ctx, cancel)
+// start begins a run for calls, whose body stores each call's value; g.mu
+// is held.
+func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Duration, body func(context.Context) error) {
+	var runCtx context.Context
+	var cancel context.CancelFunc
 	if timeout > 0 {
-		var cancelT context.CancelFunc
-		runCtx, cancelT = context.WithTimeout(runCtx, timeout)
-		prev := cancel
-		cancel = func() { cancelT(); prev() }
+		runCtx, cancel = context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	} else {
+		runCtx, cancel = context.WithCancel(context.WithoutCancel(ctx))
 	}
-	keys := make([]string, len(calls))
-	r := &run{cancel: cancel, keys: keys}
+	r := &run{cancel: cancel, keys: make([]string, len(calls))}
 	for i, c := range calls {
 		c.run = r
 		r.waiters += c.waiters
-		keys[i] = c.key
+		r.keys[i] = c.key
 	}
+	g.runs[r] = struct{}{}
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
-		var vals map[string]T
 		var err error
 		normal := false
 		defer func() {
@@ -240,28 +275,43 @@ func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Dur
 					err = errGoexit
 				}
 			}
-			stopAfter()
 			cancel()
 			g.mu.Lock()
+			delete(g.runs, r)
 			for _, c := range calls {
 				if g.calls[c.key] == c {
 					delete(g.calls, c.key)
 				}
-				c.val, c.err = vals[c.key], err
+				c.err = err
 				close(c.done)
 			}
 			g.mu.Unlock()
 		}()
-		vals, err = fn(runCtx, keys)
+		err = body(runCtx)
 		normal = true
 	}()
 }
 
 // Forget makes the next Do for key start a new run even if one is in
-// flight; current waiters still get the old run's result.
-func (g *Group[T]) Forget(key string) {
+// flight; current waiters still get the old run's result. If also is not
+// nil it runs under the same lock, so no Do can start or join a run between
+// it and the forgetting: a cache bumps its invalidation counter there.
+func (g *Group[T]) Forget(key string, also func()) {
 	g.mu.Lock()
+	if also != nil {
+		also()
+	}
 	delete(g.calls, key)
+	g.mu.Unlock()
+}
+
+// ForgetAll is Forget for every key in flight.
+func (g *Group[T]) ForgetAll(also func()) {
+	g.mu.Lock()
+	if also != nil {
+		also()
+	}
+	clear(g.calls)
 	g.mu.Unlock()
 }
 
@@ -277,7 +327,9 @@ func (g *Group[T]) InFlight() int {
 func (g *Group[T]) Close() {
 	g.mu.Lock()
 	g.closed = true
+	for r := range g.runs {
+		r.cancel()
+	}
 	g.mu.Unlock()
-	g.cancel()
 	g.wg.Wait()
 }

@@ -489,7 +489,7 @@ func TestForget(t *testing.T) {
 	b := goDo(g, context.Background(), "k", 0, fn)
 	waitWaiters(t, g, "k", 2)
 
-	g.Forget("k")
+	g.Forget("k", nil)
 	if got := g.InFlight(); got != 0 {
 		t.Errorf("InFlight() after Forget = %d, want 0", got)
 	}
@@ -524,7 +524,7 @@ func TestForget(t *testing.T) {
 	}
 
 	// Forget of an absent key is a no-op.
-	g.Forget("absent")
+	g.Forget("absent", nil)
 }
 
 // Forgotten-run waiters leaving must cancel only the forgotten run.
@@ -555,7 +555,7 @@ func TestForgetThenCancelKeepsNewRun(t *testing.T) {
 	defer cancel()
 	old := goDo(g, ctx, "k", 0, oldFn)
 	recv(t, oldStarted, "old run to start")
-	g.Forget("k")
+	g.Forget("k", nil)
 	nw := goDo(g, context.Background(), "k", 0, newFn)
 	recv(t, newStarted, "new run to start")
 
@@ -787,4 +787,43 @@ func TestStress(t *testing.T) {
 		t.Errorf("no successful Do calls in stress run")
 	}
 	t.Logf("ok=%d canceled=%d runs=%d", ok.Load(), canc.Load(), runs.Load())
+}
+
+// TestForgetAlsoIsAtomicWithDo: what Forget runs under its lock (a cache's
+// invalidation counter bump) cannot interleave with a Do starting or
+// joining a run; a Do begun meanwhile waits and then starts a fresh run.
+func TestForgetAlsoIsAtomicWithDo(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+	var order []string
+	var mu sync.Mutex
+	note := func(s string) { mu.Lock(); order = append(order, s); mu.Unlock() }
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	forgot := make(chan struct{})
+	go func() {
+		g.Forget("k", func() {
+			close(entered)
+			<-release
+			note("bump")
+		})
+		close(forgot)
+	}()
+	<-entered
+	done := make(chan int)
+	go func() {
+		v, _, _ := g.Do(context.Background(), "k", 0, func(context.Context) (int, error) {
+			note("run")
+			return 1, nil
+		})
+		done <- v
+	}()
+	close(release)
+	<-forgot
+	if v := <-done; v != 1 {
+		t.Fatalf("Do() = %d, want 1", v)
+	}
+	if len(order) != 2 || order[0] != "bump" || order[1] != "run" {
+		t.Fatalf("order = %v, want [bump run]: the run started inside Forget's critical section", order)
+	}
 }
