@@ -253,7 +253,7 @@ func isNil(v any) bool {
 
 // KeysMessage encodes an invalidation of keys in namespace ns, stamped with
 // this Bus's origin, the next sequence number and the current time. The
-// caller publishes it, usually inside the script that mutates L2.
+// caller publishes it, usually in the transaction that mutates L2.
 func (b *Bus) KeysMessage(ns string, keys []string) ([]byte, error) {
 	m := Message{Origin: b.origin, Seq: b.seq.Add(1), Time: time.Now().UnixNano(), Namespace: ns, Kind: KindKeys, Keys: keys}
 	return m.MarshalBinary()

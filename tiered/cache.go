@@ -428,7 +428,7 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 // Set stores v under key in Redis for ttl (0 means Options.TTL) and
 // invalidates it in every instance's L1, the writer's included: the next
 // read anywhere fetches v. The write and its invalidation reach Redis in one
-// script, so neither happens without the other.
+// MULTI/EXEC, so neither happens without the other.
 //
 // If Set returns an error the write may or may not have been applied (for
 // example when ctx expired after the command was sent); the local L1 is

@@ -29,7 +29,7 @@
 // started before a write or an invalidation never lands in L1 after it,
 // whatever order ristretto applies its asynchronous Sets in; reads on one
 // instance are monotonic. The write path never stores into L1: it mutates
-// Redis and publishes in one script, then invalidates locally; the next read
+// Redis and publishes in one MULTI/EXEC, then invalidates locally; the next read
 // refills.
 //
 // An L1 entry never outlives the Redis key it was read from: its TTL is the
