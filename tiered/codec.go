@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 
@@ -36,8 +37,23 @@ var Msgpack Codec = msgpackCodec{}
 
 type jsonCodec struct{}
 
-func (jsonCodec) ID() byte                           { return codecJSON }
-func (jsonCodec) Marshal(v any) ([]byte, error)      { return json.Marshal(v) }
+func (jsonCodec) ID() byte { return codecJSON }
+
+// Marshal writes what JSON.stringify writes: unlike json.Marshal it leaves
+// <, > and & alone (HTML escaping has no place in a cache, and it would
+// break byte-compatibility with a Node.js writer). The one difference left
+// is U+2028 and U+2029, which encoding/json always escapes; both sides
+// parse either form to the same string.
+func (jsonCodec) Marshal(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'}), nil
+}
+
 func (jsonCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
 
 type msgpackCodec struct{}

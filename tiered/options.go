@@ -3,7 +3,6 @@ package tiered
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"time"
 
@@ -138,9 +137,6 @@ type Options struct {
 	// caller's behalf, in addition to the caller's ctx. Zero means
 	// DefaultCommandTimeout; negative means only ctx bounds it.
 	CommandTimeout time.Duration
-
-	// Logger receives rare state changes. Nil means silent.
-	Logger *slog.Logger
 }
 
 func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
