@@ -231,10 +231,6 @@ func (c *Cache[V]) snap(h uint64) snapshot {
 	return snapshot{stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: c.busEpoch()}
 }
 
-func (c *Cache[V]) current(h uint64, s snapshot) bool {
-	return s == c.snap(h) && s.epoch&1 == 0
-}
-
 func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err error) {
 	if err := c.checkKey(key); err != nil {
 		return v, false, err
