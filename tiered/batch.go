@@ -138,7 +138,7 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 		if err := c.checkKey(k); err != nil {
 			return err
 		}
-		p, err := c.encodeValue(vals[i])
+		p, _, err := c.encodeValue(vals[i])
 		if err != nil {
 			return fmt.Errorf("tiered: set %q: %w", k, err)
 		}

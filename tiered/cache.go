@@ -40,8 +40,9 @@ type entry[V any] struct {
 	stripe  uint64
 	ns      uint64
 	epoch   uint64
-	expires int64 // coarse-clock unix ns
-	cost    int64
+	expires  int64 // coarse-clock unix ns
+	cost     int64
+	negative bool // the loader said the key is absent at the source
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -200,6 +201,9 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error
 		h := xxhash.Sum64String(key)
 		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
 			c.hits.add(h)
+			if e.negative {
+				return v, false, nil
+			}
 			if c.opts.CopyOnRead {
 				return c.decodeCopy(e)
 			}
@@ -454,7 +458,7 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 	if c.l1 != nil {
 		h := xxhash.Sum64String(key)
 		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
-			return true, nil
+			return !e.negative, nil
 		}
 	}
 	if c.rdb == nil {
@@ -488,7 +492,7 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 // last with a valid snapshot (TestFleet_Stress caught this).
 func (c *Cache[V]) invalidateLocal(key string) {
 	h := xxhash.Sum64String(key)
-	c.flights.Forget(flightKey(key), func() { c.stripes[h&stripeMask].Add(1) })
+	c.flights.Forget(func() { c.stripes[h&stripeMask].Add(1) }, flightKey(key), rememberKey(key))
 	if c.l1 != nil {
 		c.l1.Del(h)
 	}

@@ -11,19 +11,21 @@ import (
 	"github.com/tiercache/tiercache/internal/wire"
 )
 
-// encodeValue returns the bytes stored in Redis for v.
-func (c *Cache[V]) encodeValue(v V) ([]byte, error) {
-	payload, err := encode(c.opts.Codec, v)
+// encodeValue returns the bytes stored in Redis for v, and the codec's
+// payload inside them.
+func (c *Cache[V]) encodeValue(v V) (raw, payload []byte, err error) {
+	payload, err = encode(c.opts.Codec, v)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(payload) > c.opts.MaxValueSize {
-		return nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+		return nil, nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
 	}
 	if c.opts.PlainJSON {
-		return payload, nil
+		return payload, payload, nil
 	}
-	return wire.AppendEnvelope(nil, wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}, c.opts.CompressAbove)
+	raw, err = wire.AppendEnvelope(nil, wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}, c.opts.CompressAbove)
+	return raw, payload, err
 }
 
 // tombstone returns the bytes Delete leaves behind.
@@ -100,13 +102,19 @@ return 0`)
 // envelope version, another codec, a value over this instance's size limit.
 var errForeign = errors.New("tiered: value written by an incompatible writer")
 
+// foreign reports whether a decode error means "written by a writer this
+// cache cannot read" rather than "corrupt".
+func foreign(err error) bool {
+	return errors.Is(err, errForeign) || errors.Is(err, wire.ErrUnsupportedVersion) || errors.Is(err, wire.ErrTooLarge)
+}
+
 // dropCorrupt counts undecodable bytes and deletes them from Redis, unless
 // they may be another writer's valid value (a newer format version during a
 // rollout, another codec or size limit): those are only skipped. The caller
 // treats the read as a miss either way.
 func (c *Cache[V]) dropCorrupt(ctx context.Context, dataKey string, raw []byte, err error) {
 	c.st.corrupt.Add(1)
-	if errors.Is(err, errForeign) || errors.Is(err, wire.ErrUnsupportedVersion) || errors.Is(err, wire.ErrTooLarge) {
+	if foreign(err) {
 		return
 	}
 	_ = delIfEqual.Run(ctx, c.rdb, []string{dataKey}, raw).Err()

@@ -1,6 +1,9 @@
 package tiered
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 var (
 	// ErrClosed is returned by every method called after Close.
@@ -17,3 +20,21 @@ var (
 	// ModeMemory (Ping) .
 	ErrNoRedis = errors.New("tiered: no Redis in this mode")
 )
+
+// PanicError is the error every waiter of a Remember gets when the loader
+// panicked: the panic is recovered (the process does not die) and carried
+// here with the stack where it happened.
+type PanicError struct {
+	Value any
+	Stack []byte
+}
+
+func (p *PanicError) Error() string {
+	return fmt.Sprintf("tiered: loader panicked: %v\n\n%s", p.Value, p.Stack)
+}
+
+// Unwrap returns the panic value when it is an error.
+func (p *PanicError) Unwrap() error {
+	err, _ := p.Value.(error)
+	return err
+}

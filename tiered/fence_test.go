@@ -188,7 +188,7 @@ func TestFence_ResetDuringFill(t *testing.T) {
 		t.Fatalf("L1 holds %v, %v; the test needs the old-epoch entry stored", e, ok)
 	}
 	// A change whose invalidation was "lost": written straight into Redis.
-	raw, err := c.encodeValue("new")
+	raw, _, err := c.encodeValue("new")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -74,7 +74,7 @@ func TestFleet_PubSubKilled(t *testing.T) {
 		})
 		mustGet(t, in.c, "k", "v1", fmt.Sprintf("instance %d warm", i))
 	}
-	raw, _ := c0.encodeValue("v2")
+	raw, _, _ := c0.encodeValue("v2")
 	if err := f[0].rdb.Set(ctx, c0.dataKey(c0.nsGen.Load(), "k"), raw, time.Minute).Err(); err != nil {
 		t.Fatal(err)
 	}

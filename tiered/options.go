@@ -62,6 +62,8 @@ const (
 	DefaultTombstoneTTL   = 30 * time.Second
 	DefaultSchema         = "1"
 	DefaultCommandTimeout = 500 * time.Millisecond
+	DefaultLoadTimeout    = 10 * time.Second
+	DefaultNegativeTTL    = 30 * time.Second
 )
 
 // Options configures a Cache. The zero value is valid: a tiered cache with
@@ -133,6 +135,17 @@ type Options struct {
 	// DefaultTombstoneTTL.
 	TombstoneTTL time.Duration
 
+	// LoadTimeout bounds a Remember load (the Redis reads, the loader and
+	// the store): its context is cancelled then and the waiters get the
+	// error. It must be shorter than TombstoneTTL, which fences late loads.
+	// Zero means DefaultLoadTimeout.
+	LoadTimeout time.Duration
+
+	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
+	// tiers. Zero means DefaultNegativeTTL; negative disables negative
+	// caching.
+	NegativeTTL time.Duration
+
 	// CommandTimeout bounds each Redis round trip the cache makes on a
 	// caller's behalf, in addition to the caller's ctx. Zero means
 	// DefaultCommandTimeout; negative means only ctx bounds it.
@@ -182,6 +195,12 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	if o.CommandTimeout == 0 {
 		o.CommandTimeout = DefaultCommandTimeout
 	}
+	if o.LoadTimeout == 0 {
+		o.LoadTimeout = DefaultLoadTimeout
+	}
+	if o.NegativeTTL == 0 {
+		o.NegativeTTL = DefaultNegativeTTL
+	}
 	var errs []error
 	if o.Mode > ModeRedis {
 		errs = append(errs, fmt.Errorf("tiered: unknown Mode %d", o.Mode))
@@ -194,6 +213,9 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	}
 	if o.L1MaxCost < 0 || o.MaxKeyLen < 0 || o.MaxValueSize < 0 || o.TombstoneTTL < 0 {
 		errs = append(errs, errors.New("tiered: negative size or duration in Options"))
+	}
+	if o.LoadTimeout < 0 || o.LoadTimeout >= o.TombstoneTTL {
+		errs = append(errs, fmt.Errorf("tiered: LoadTimeout %v must be positive and shorter than TombstoneTTL %v", o.LoadTimeout, o.TombstoneTTL))
 	}
 	if o.MaxKeyLen > invalidate.MaxKeyLen {
 		errs = append(errs, fmt.Errorf("tiered: MaxKeyLen %d exceeds the wire limit %d", o.MaxKeyLen, invalidate.MaxKeyLen))

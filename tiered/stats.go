@@ -18,6 +18,7 @@ type counters struct {
 	l2Hits, l2Misses      atomic.Uint64
 	writes, errors        atomic.Uint64
 	corrupt               atomic.Uint64
+	loads, fencedFills    atomic.Uint64 // loader calls; loaded values Redis refused (written meanwhile)
 }
 
 // TierStats counts reads answered by one tier.

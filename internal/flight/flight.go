@@ -292,16 +292,18 @@ func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Dur
 	}()
 }
 
-// Forget makes the next Do for key start a new run even if one is in
+// Forget makes the next Do for each key start a new run even if one is in
 // flight; current waiters still get the old run's result. If also is not
 // nil it runs under the same lock, so no Do can start or join a run between
 // it and the forgetting: a cache bumps its invalidation counter there.
-func (g *Group[T]) Forget(key string, also func()) {
+func (g *Group[T]) Forget(also func(), keys ...string) {
 	g.mu.Lock()
 	if also != nil {
 		also()
 	}
-	delete(g.calls, key)
+	for _, k := range keys {
+		delete(g.calls, k)
+	}
 	g.mu.Unlock()
 }
 
@@ -313,6 +315,16 @@ func (g *Group[T]) ForgetAll(also func()) {
 	}
 	clear(g.calls)
 	g.mu.Unlock()
+}
+
+// Waiters reports how many callers wait for key's current run (0 if none).
+func (g *Group[T]) Waiters(key string) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if c := g.calls[key]; c != nil {
+		return c.waiters
+	}
+	return 0
 }
 
 // InFlight reports how many runs are in flight (for tests and metrics).

@@ -489,7 +489,7 @@ func TestForget(t *testing.T) {
 	b := goDo(g, context.Background(), "k", 0, fn)
 	waitWaiters(t, g, "k", 2)
 
-	g.Forget("k", nil)
+	g.Forget(nil, "k")
 	if got := g.InFlight(); got != 0 {
 		t.Errorf("InFlight() after Forget = %d, want 0", got)
 	}
@@ -524,7 +524,7 @@ func TestForget(t *testing.T) {
 	}
 
 	// Forget of an absent key is a no-op.
-	g.Forget("absent", nil)
+	g.Forget(nil, "absent")
 }
 
 // Forgotten-run waiters leaving must cancel only the forgotten run.
@@ -555,7 +555,7 @@ func TestForgetThenCancelKeepsNewRun(t *testing.T) {
 	defer cancel()
 	old := goDo(g, ctx, "k", 0, oldFn)
 	recv(t, oldStarted, "old run to start")
-	g.Forget("k", nil)
+	g.Forget(nil, "k")
 	nw := goDo(g, context.Background(), "k", 0, newFn)
 	recv(t, newStarted, "new run to start")
 
@@ -802,11 +802,11 @@ func TestForgetAlsoIsAtomicWithDo(t *testing.T) {
 	entered, release := make(chan struct{}), make(chan struct{})
 	forgot := make(chan struct{})
 	go func() {
-		g.Forget("k", func() {
+		g.Forget(func() {
 			close(entered)
 			<-release
 			note("bump")
-		})
+		}, "k")
 		close(forgot)
 	}()
 	<-entered

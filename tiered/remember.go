@@ -1,0 +1,280 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/flight"
+	"github.com/tiercache/tiercache/internal/wire"
+)
+
+// ErrNotFound is what a Loader returns to say "absent at the source". The
+// cache remembers it for Options.NegativeTTL (in L1 and Redis, as a
+// negative entry) and returns it from Remember without calling the loader
+// again; Get reports such a key as a miss. It is not counted as a failure.
+var ErrNotFound = errors.New("tiered: not found")
+
+// Loader loads the value of key from the source of truth, for Remember. It
+// runs on a context detached from the callers (their values kept, their
+// cancellation not) and bounded by Options.LoadTimeout; it is cancelled
+// when every caller waiting for it has given up. It must not call back into
+// the same key's Remember, and must not call runtime.Goexit (t.FailNow).
+// A panic is recovered and returned to every waiter as an error.
+type Loader[V any] func(ctx context.Context, key string) (V, error)
+
+// fillScript stores a loaded value only if the key still holds what the
+// load saw before it began: nothing (ARGV[1] empty) or the entry whose
+// write ID is ARGV[1]. A write or a Delete in between changed the write ID
+// (Delete leaves a tombstone for exactly this), so a load that read the
+// source before that write cannot overwrite it (pitfalls C-d). It reads 8
+// bytes of the old value, never the value itself.
+var fillScript = redis.NewScript(`
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return 0
+  end
+elseif redis.call('GETRANGE', KEYS[1], 4, 11) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1`)
+
+// rememberKey is a key's name in the flight group for loads.
+func rememberKey(key string) string { return "r" + key }
+
+// Remember returns the value of key, loading it with load on a miss: L1,
+// then Redis, then the loader, whose result is stored in both tiers. In
+// each process concurrent calls for one key run the loader once; each
+// caller waits only as long as its own ctx allows, and a caller that gives
+// up does not cancel the load for the others.
+//
+// The store into Redis is fenced: if the key was written or deleted while
+// the loader ran, the loaded value (read from the source before that write)
+// is returned to the callers but not stored. So writers must update the
+// source of truth first and then call Set or Delete.
+//
+// A loader that returns ErrNotFound makes the key a negative entry for
+// Options.NegativeTTL; Remember then returns ErrNotFound. Any other loader
+// error is returned to every waiter and nothing is cached. An L1 hit costs
+// what Get's does: no lock, no allocation.
+func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V, error) {
+	if c.l1 != nil && !c.closing.Load() {
+		h := xxhash.Sum64String(key)
+		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
+			c.hits.add(h)
+			if e.negative {
+				var zero V
+				return zero, ErrNotFound
+			}
+			if c.opts.CopyOnRead {
+				v, _, err := c.decodeCopy(e)
+				return v, err
+			}
+			return e.val, nil
+		}
+	}
+	return c.rememberSlow(ctx, key, load)
+}
+
+func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V]) (v V, err error) {
+	if err := c.checkKey(key); err != nil {
+		return v, err
+	}
+	if load == nil {
+		return v, errors.New("tiered: nil Loader")
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return v, err
+	}
+	defer leave()
+	if c.l1 != nil {
+		c.st.l1Misses.Add(1)
+	}
+	if err := ctx.Err(); err != nil {
+		return v, err
+	}
+	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
+	r, err, _ := c.flights.Do(ctx, rememberKey(key), c.opts.LoadTimeout, func(ctx context.Context) (readResult[V], error) {
+		if c.flightStart != nil {
+			c.flightStart(key)
+		}
+		return c.readThrough(ctx, key, snap, load)
+	})
+	var pe *flight.PanicError
+	switch {
+	case err != nil && c.closing.Load():
+		return v, ErrClosed
+	case errors.As(err, &pe):
+		c.st.errors.Add(1)
+		return v, &PanicError{Value: pe.Value, Stack: pe.Stack}
+	case err != nil:
+		if !errors.Is(err, ErrNotFound) {
+			c.st.errors.Add(1)
+		}
+		return v, err
+	case c.opts.CopyOnRead:
+		v, _, err := c.copyValue(r.val)
+		return v, err
+	}
+	return r.val, nil
+}
+
+// readThrough is one load of key: Redis, then the loader, then a fenced
+// store into Redis and L1.
+func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load Loader[V]) (readResult[V], error) {
+	h := hashKey(key)
+	var expect []byte // the write ID the key held before the load; nil: absent
+	var gen uint64
+	noStore := false
+	if c.rdb != nil {
+		l2ctx, cancel := c.opCtx(ctx)
+		var err error
+		gen, err = c.generation(l2ctx, s)
+		if err != nil {
+			cancel()
+			return readResult[V]{}, err
+		}
+		dk := c.dataKey(gen, key)
+		pipe := c.rdb.Pipeline()
+		get := pipe.Get(l2ctx, dk)
+		pttl := pipe.PTTL(l2ctx, dk)
+		_, err = pipe.Exec(l2ctx)
+		cancel()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			// Redis cannot answer; the source can. (Issue 4 adds the
+			// policy for serving through an outage; for now the loader
+			// answers and nothing is stored.)
+			c.st.errors.Add(1)
+			v, lerr := load(ctx, key)
+			if lerr != nil {
+				return readResult[V]{}, lerr
+			}
+			return readResult[V]{val: v, found: true}, nil
+		}
+		if raw, err := get.Bytes(); err == nil {
+			val, payload, found, derr := c.decode(raw)
+			switch {
+			case derr != nil:
+				// Corrupt bytes are deleted (if unchanged), so the store
+				// expects the key absent; another writer's value (a newer
+				// format, say) must not be overwritten, so nothing is stored.
+				c.dropCorrupt(ctx, dk, raw, derr)
+				c.st.l2Misses.Add(1)
+				if foreign(derr) {
+					noStore = true
+				}
+			case found:
+				c.st.l2Hits.Add(1)
+				c.fill(key, h, s, val, payload, len(raw), pttl.Val())
+				return readResult[V]{val: val, found: true}, nil
+			case raw[3]&byte(wire.FlagNegative) != 0:
+				c.st.l2Hits.Add(1)
+				c.fillNegative(key, h, s, pttl.Val())
+				return readResult[V]{}, ErrNotFound
+			default: // a tombstone: load, and store only over this very tombstone
+				c.st.l2Misses.Add(1)
+				expect = raw[4:12]
+			}
+		} else {
+			c.st.l2Misses.Add(1)
+		}
+	}
+	if c.afterL2Read != nil {
+		c.afterL2Read(key)
+	}
+	started := time.Now()
+	v, err := load(ctx, key)
+	c.st.loads.Add(1)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		if !noStore && c.opts.NegativeTTL > 0 {
+			c.storeLoaded(ctx, key, h, s, gen, expect, nil, started)
+		}
+		return readResult[V]{}, ErrNotFound
+	case err != nil:
+		return readResult[V]{}, err
+	}
+	if !noStore {
+		c.storeLoaded(ctx, key, h, s, gen, expect, &v, started)
+	}
+	return readResult[V]{val: v, found: true}, nil
+}
+
+// storeLoaded stores a loaded value (or, for nil, a negative entry) into
+// Redis through the fence, then into L1 if the fence let it through and no
+// invalidation intervened.
+func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snapshot, gen uint64, expect []byte, v *V, started time.Time) {
+	ttl := c.jitter(c.opts.TTL)
+	var raw, payload []byte
+	var err error
+	if v == nil {
+		ttl = c.jitter(c.opts.NegativeTTL)
+		raw, err = wire.AppendEnvelope(nil, wire.Envelope{Flags: wire.FlagNegative, WriteID: writeID()}, -1)
+	} else {
+		raw, payload, err = c.encodeValue(*v)
+	}
+	if err != nil {
+		return // unencodable or too large: serve it, do not cache it
+	}
+	if c.rdb != nil {
+		// A load older than the tombstones that fence it could slip past
+		// them; its value is served but not stored.
+		if time.Since(started) >= c.opts.TombstoneTTL {
+			return
+		}
+		l2ctx, cancel := c.opCtx(ctx)
+		stored, err := fillScript.Run(l2ctx, c.rdb, []string{c.dataKey(gen, key)}, expect, raw, max(ttl.Milliseconds(), 1)).Int()
+		cancel()
+		if err != nil || stored == 0 {
+			if stored == 0 && err == nil {
+				c.st.fencedFills.Add(1)
+			}
+			// Something wrote the key while we loaded, or Redis failed: L1
+			// must not hold a value Redis does not.
+			c.invalidateLocalIfStale(key, h, s)
+			return
+		}
+	}
+	if v == nil {
+		c.fillNegative(key, h, s, ttl)
+		return
+	}
+	c.fill(key, h, s, *v, payload, len(raw), ttl)
+}
+
+// invalidateLocalIfStale voids key locally if an invalidation arrived since
+// s: the value being returned may be newer than what L1 now holds (see
+// fill).
+func (c *Cache[V]) invalidateLocalIfStale(key string, h uint64, s snapshot) {
+	if s != c.snap(h) {
+		c.invalidateLocal(key)
+	}
+}
+
+// fillNegative remembers in L1 that key is absent at the source.
+func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Duration) {
+	if c.l1 == nil {
+		return
+	}
+	if s != c.snap(h) {
+		c.invalidateLocal(key)
+		return
+	}
+	if s.epoch&1 == 1 {
+		return
+	}
+	ttl := min(c.jitter(c.opts.NegativeTTL), c.jitter(c.opts.L1TTL))
+	if l2TTL >= 0 && l2TTL < ttl {
+		ttl = l2TTL
+	}
+	if ttl <= clockTick {
+		return
+	}
+	c.store(h, &entry[V]{key: key, negative: true, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
+		expires: expiry(ttl), cost: int64(len(key) + entryCost)})
+}

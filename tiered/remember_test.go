@@ -1,0 +1,440 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tiercache/tiercache/internal/racebuild"
+)
+
+// source is a stand-in for the database behind a loader: a versioned value
+// per key and a count of loads. It is the loader's data, not a fake Redis.
+type source struct {
+	mu    sync.Mutex
+	vals  map[string]string
+	loads atomic.Int64
+}
+
+func newSource() *source { return &source{vals: map[string]string{}} }
+
+func (s *source) put(k, v string) { s.mu.Lock(); s.vals[k] = v; s.mu.Unlock() }
+
+func (s *source) load(_ context.Context, k string) (string, error) {
+	s.loads.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vals[k]
+	if !ok {
+		return "", ErrNotFound
+	}
+	return v, nil
+}
+
+// waitWaiters blocks until n callers wait on key's load in c.
+func waitWaiters[V any](t testing.TB, c *Cache[V], key string, n int) {
+	t.Helper()
+	eventually(t, 5*time.Second, fmt.Sprintf("%d waiters on %q", n, key), func() bool {
+		return c.flights.Waiters(rememberKey(key)) == n
+	})
+}
+
+func TestRemember_ReadThrough(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	src := newSource()
+	src.put("k", "v1")
+	ctx := ctxT(t)
+	for i := range 3 { // load, then L1
+		v, err := f[0].c.Remember(ctx, "k", src.load)
+		if err != nil || v != "v1" {
+			t.Fatalf("Remember #%d = %q, %v; want v1", i, v, err)
+		}
+	}
+	if n := src.loads.Load(); n != 1 {
+		t.Fatalf("loads = %d, want 1", n)
+	}
+	// Another instance finds it in Redis.
+	if v, err := f[1].c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("Remember on instance 1 = %q, %v", v, err)
+	}
+	if v, ok, _ := f[1].c.Get(ctx, "k"); !ok || v != "v1" {
+		t.Fatalf("Get after Remember = %q, %v", v, ok)
+	}
+	if n := src.loads.Load(); n != 1 {
+		t.Fatalf("loads = %d after a second instance, want 1", n)
+	}
+	// A write invalidates; the next Remember loads the source again.
+	src.put("k", "v2")
+	got := applied(f[1].c)
+	if err := f[0].c.Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "the delete's invalidation")
+	for i, in := range f {
+		if v, err := in.c.Remember(ctx, "k", src.load); err != nil || v != "v2" {
+			t.Fatalf("instance %d after Delete: Remember = %q, %v; want v2", i, v, err)
+		}
+	}
+	if n := src.loads.Load(); n != 2 {
+		t.Fatalf("loads = %d, want 2", n)
+	}
+}
+
+func TestRemember_Errors(t *testing.T) {
+	c := newCache[string](t, Options{LoadTimeout: 200 * time.Millisecond})
+	ctx := ctxT(t)
+	boom := errors.New("db down")
+	calls := 0
+	failing := func(context.Context, string) (string, error) { calls++; return "", boom }
+	for range 2 { // errors are not cached
+		if _, err := c.Remember(ctx, "e", failing); !errors.Is(err, boom) {
+			t.Fatalf("Remember(failing) err = %v, want %v", err, boom)
+		}
+	}
+	if calls != 2 {
+		t.Fatalf("failing loader called %d times, want 2 (errors must not be cached)", calls)
+	}
+	if _, err := c.Remember(ctx, "", failing); !errors.Is(err, ErrInvalidKey) {
+		t.Fatalf("Remember(empty key) err = %v", err)
+	}
+	if _, err := c.Remember(ctx, "n", nil); err == nil {
+		t.Fatal("Remember(nil loader) succeeded")
+	}
+	slow := func(ctx context.Context, _ string) (string, error) {
+		<-ctx.Done()
+		return "", ctx.Err()
+	}
+	if _, err := c.Remember(ctx, "slow", slow); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Remember(slow) err = %v, want DeadlineExceeded after LoadTimeout", err)
+	}
+	if _, err := New[string]("x", c.rdb, c.bus, Options{LoadTimeout: time.Minute}); err == nil {
+		t.Fatal("LoadTimeout longer than TombstoneTTL accepted")
+	}
+}
+
+// TestRemember_Negative: ErrNotFound is remembered in both tiers.
+func TestRemember_Negative(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	src := newSource()
+	ctx := ctxT(t)
+	for i := range 3 {
+		if _, err := f[0].c.Remember(ctx, "ghost", src.load); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("Remember #%d err = %v, want ErrNotFound", i, err)
+		}
+	}
+	if _, err := f[1].c.Remember(ctx, "ghost", src.load); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Remember on instance 1 err = %v, want ErrNotFound", err)
+	}
+	if n := src.loads.Load(); n != 1 {
+		t.Fatalf("loads = %d, want 1 (negative entry in L1 and L2)", n)
+	}
+	for i, in := range f {
+		if v, ok, err := in.c.Get(ctx, "ghost"); ok || err != nil {
+			t.Fatalf("instance %d: Get(negative) = %q, %v, %v; want a miss", i, v, ok, err)
+		}
+		if ok, _ := in.c.Exists(ctx, "ghost"); ok {
+			t.Fatalf("instance %d: Exists(negative) = true", i)
+		}
+	}
+	// A write replaces the negative entry.
+	got := applied(f[1].c)
+	_ = f[0].c.Set(ctx, "ghost", "now real", 0)
+	await(t, got, "the write's invalidation")
+	if v, err := f[1].c.Remember(ctx, "ghost", src.load); err != nil || v != "now real" {
+		t.Fatalf("Remember after Set = %q, %v", v, err)
+	}
+	// Negative caching can be turned off.
+	off := newCache[string](t, Options{NegativeTTL: -1})
+	_, _ = off.Remember(ctx, "ghost2", src.load)
+	_, _ = off.Remember(ctx, "ghost2", src.load)
+	if n := src.loads.Load(); n != 3 {
+		t.Fatalf("loads = %d, want 3 (NegativeTTL < 0 caches nothing)", n)
+	}
+}
+
+// TestRemember_LeaderCancels: the caller that started the load gives up;
+// the others still get the value and the load is not cancelled.
+func TestRemember_LeaderCancels(t *testing.T) {
+	c := newCache[string](t, Options{})
+	release := make(chan struct{})
+	var loadErr atomic.Value
+	load := func(ctx context.Context, _ string) (string, error) {
+		<-release
+		if err := ctx.Err(); err != nil {
+			loadErr.Store(err)
+		}
+		return "v", nil
+	}
+	lctx, cancel := context.WithCancel(context.Background())
+	leader := make(chan error)
+	go func() { _, err := c.Remember(lctx, "k", load); leader <- err }()
+	waitWaiters(t, c, "k", 1)
+	followers := make(chan string, 3)
+	for range 3 {
+		go func() { v, _ := c.Remember(context.Background(), "k", load); followers <- v }()
+	}
+	waitWaiters(t, c, "k", 4)
+	cancel()
+	if err := <-leader; !errors.Is(err, context.Canceled) {
+		t.Fatalf("leader err = %v, want context.Canceled", err)
+	}
+	close(release)
+	for range 3 {
+		if v := <-followers; v != "v" {
+			t.Fatalf("follower got %q, want v", v)
+		}
+	}
+	if err := loadErr.Load(); err != nil {
+		t.Fatalf("the load saw %v: the leader's cancellation reached it", err)
+	}
+}
+
+// TestRemember_AllCancel: when every caller has given up, the load is
+// cancelled, and the next caller starts a new one.
+func TestRemember_AllCancel(t *testing.T) {
+	c := newCache[string](t, Options{})
+	cancelled := make(chan struct{})
+	first := true
+	load := func(ctx context.Context, _ string) (string, error) {
+		if first {
+			first = false
+			<-ctx.Done()
+			close(cancelled)
+			return "", ctx.Err()
+		}
+		return "fresh", nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { _, err := c.Remember(ctx, "k", load); errs <- err }()
+	}
+	waitWaiters(t, c, "k", 2)
+	cancel()
+	for range 2 {
+		if err := <-errs; !errors.Is(err, context.Canceled) {
+			t.Fatalf("waiter err = %v, want context.Canceled", err)
+		}
+	}
+	await(t, cancelled, "the load's context to be cancelled")
+	if v, err := c.Remember(context.Background(), "k", load); err != nil || v != "fresh" {
+		t.Fatalf("next Remember = %q, %v; want a new load", v, err)
+	}
+}
+
+// TestRemember_LoaderPanics: every waiter gets a *PanicError with the value
+// and the stack; the process lives on.
+func TestRemember_LoaderPanics(t *testing.T) {
+	c := newCache[string](t, Options{})
+	release := make(chan struct{})
+	load := func(context.Context, string) (string, error) {
+		<-release
+		panic("loader exploded")
+	}
+	errs := make(chan error, 5)
+	for range 5 {
+		go func() { _, err := c.Remember(context.Background(), "p", load); errs <- err }()
+	}
+	waitWaiters(t, c, "p", 5)
+	close(release)
+	for range 5 {
+		err := <-errs
+		var pe *PanicError
+		if !errors.As(err, &pe) || pe.Value != "loader exploded" || !strings.Contains(string(pe.Stack), "remember_test.go") {
+			t.Fatalf("waiter err = %v; want a *PanicError carrying the value and stack", err)
+		}
+	}
+	ok := func(context.Context, string) (string, error) { return "fine", nil }
+	if v, err := c.Remember(context.Background(), "p", ok); err != nil || v != "fine" {
+		t.Fatalf("Remember after a panic = %q, %v", v, err)
+	}
+}
+
+// TestRemember_InvalidationDuringLoad: a caller arriving after a write never
+// joins a load that started before it, and the old load's value is not
+// stored (pitfalls S4, C-d).
+func TestRemember_InvalidationDuringLoad(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	reader, writer := f[0].c, f[1].c
+	src := newSource()
+	src.put("k", "v1")
+	ctx := ctxT(t)
+	started, release := make(chan struct{}), make(chan struct{})
+	var n atomic.Int32
+	load := func(ctx context.Context, k string) (string, error) {
+		v, err := src.load(ctx, k) // reads the source first: v1
+		if n.Add(1) == 1 {
+			close(started)
+			<-release // ...then stalls while the writer moves on
+		}
+		return v, err
+	}
+	got := applied(reader) // before any call holds the cache's read lock
+	var releaseOnce sync.Once
+	defer releaseOnce.Do(func() { close(release) }) // on failure too
+	old := make(chan string, 1)
+	go func() { v, _ := reader.Remember(ctx, "k", load); old <- v }()
+	<-started
+	// The writer updates the source, then invalidates the cache.
+	src.put("k", "v2")
+	if err := writer.Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "the delete's invalidation")
+	if v, err := reader.Remember(ctx, "k", load); err != nil || v != "v2" {
+		t.Fatalf("Remember after the write = %q, %v; want v2 from a new load", v, err)
+	}
+	releaseOnce.Do(func() { close(release) })
+	if v := <-old; v != "v1" {
+		t.Fatalf("old load returned %q, want v1", v)
+	}
+	// The old load's v1 reached neither Redis nor any L1.
+	for i, in := range f {
+		if v, ok, err := in.c.Get(ctx, "k"); err != nil || !ok || v != "v2" {
+			t.Fatalf("instance %d: Get = %q, %v, %v; want v2", i, v, ok, err)
+		}
+	}
+	if n := reader.st.fencedFills.Load(); n != 1 {
+		t.Fatalf("fenced fills = %d, want 1", n)
+	}
+}
+
+// TestRemember_StaleFillFencedInRedis reproduces pitfalls C-d with a slow
+// loader and concurrent writers on several instances: no value older than
+// the last completed write+invalidate may remain in Redis.
+func TestRemember_StaleFillFencedInRedis(t *testing.T) {
+	f := newFleet[string](t, srv, 3, Options{})
+	src := newSource()
+	ctx := ctxT(t)
+	const keys = 4
+	var version [keys]atomic.Int64
+	for k := range keys {
+		src.put(fmt.Sprint("k", k), "0")
+	}
+	load := func(ctx context.Context, k string) (string, error) {
+		v, err := src.load(ctx, k)
+		time.Sleep(time.Duration(len(k)) * 300 * time.Microsecond) // the slow read of a real database
+		return v, err
+	}
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w := range 2 { // writers: source first, then the cache
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				k := (i + w) % keys
+				key := fmt.Sprint("k", k)
+				v := version[k].Add(1)
+				src.put(key, fmt.Sprint(v))
+				if err := f[w].c.Delete(ctx, key); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	for r := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := f[r%3].c
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := c.Remember(ctx, fmt.Sprint("k", i%keys), load); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(time.Second) // the length of the run
+	close(stop)
+	wg.Wait()
+	// Quiescent: whatever Redis holds for a key must be the source's value.
+	c := f[2].c
+	for k := range keys {
+		key := fmt.Sprint("k", k)
+		raw, err := c.rdb.Get(ctx, c.dataKey(c.nsGen.Load(), key)).Bytes()
+		if err != nil {
+			continue // absent or a tombstone's gone: fine
+		}
+		v, _, found, err := c.decode(raw)
+		if err != nil {
+			t.Fatalf("decode %q: %v", key, err)
+		}
+		if want := fmt.Sprint(version[k].Load()); found && v != want {
+			t.Fatalf("Redis holds %q = %q after quiescence; the source has %q (a stale fill got through)", key, v, want)
+		}
+	}
+	var fenced uint64
+	for _, in := range f {
+		fenced += in.c.st.fencedFills.Load()
+	}
+	t.Logf("fills refused by the fence: %d", fenced)
+}
+
+// TestRemember_Stampede: 4 instances × 250 goroutines on one cold key call
+// the loader at most once per instance.
+func TestRemember_Stampede(t *testing.T) {
+	f := newFleet[string](t, srv, 4, Options{})
+	src := newSource()
+	src.put("hot", "v")
+	load := func(ctx context.Context, k string) (string, error) {
+		time.Sleep(50 * time.Millisecond) // a slow query keeps the load in flight
+		return src.load(ctx, k)
+	}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	var bad atomic.Int32
+	for i := range 4 * 250 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			if v, err := f[i%4].c.Remember(context.Background(), "hot", load); err != nil || v != "v" {
+				bad.Add(1)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	n := src.loads.Load()
+	t.Logf("loader calls for 4 instances × 250 goroutines: %d", n)
+	if bad.Load() != 0 || n < 1 || n > 4 {
+		t.Fatalf("loader calls = %d, bad results = %d; want 1..4 and 0", n, bad.Load())
+	}
+}
+
+// TestRemember_L1HitAllocs: Remember on an L1 hit costs what Get does.
+func TestRemember_L1HitAllocs(t *testing.T) {
+	if racebuild.Enabled {
+		t.Skip("allocation counts are not meaningful under the race detector (it makes sync.Pool drop items)")
+	}
+	c := newCache[string](t, Options{})
+	ctx := context.Background()
+	load := func(context.Context, string) (string, error) { return "v", nil }
+	if _, err := c.Remember(ctx, "k", load); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.l1.Get(hashKey("k")); !ok {
+		t.Fatal("not in L1 after the load")
+	}
+	if a := testing.AllocsPerRun(1000, func() { _, _ = c.Remember(ctx, "k", load) }); a != 0 {
+		t.Fatalf("Remember on an L1 hit allocates %v times, want 0", a)
+	}
+}
