@@ -34,12 +34,12 @@ const (
 // entry is what L1 holds: the decoded value plus the fence snapshot taken
 // before the read that produced it. It is immutable once stored.
 type entry[V any] struct {
-	key     string
-	val     V
-	raw     []byte // the encoded payload, kept only with CopyOnRead
-	stripe  uint64
-	ns      uint64
-	epoch   uint64
+	key      string
+	val      V
+	raw      []byte // the encoded payload, kept only with CopyOnRead
+	stripe   uint64
+	ns       uint64
+	epoch    uint64
 	expires  int64 // coarse-clock unix ns
 	cost     int64
 	negative bool // the loader said the key is absent at the source
