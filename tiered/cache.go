@@ -483,17 +483,24 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 
 // invalidateLocal voids key in this process: bump its stripe (every entry
 // filled before now is rejected) and detach any in-flight read so a later
-// caller does not join a read that started before, then drop the entry.
+// caller does not join a read that started before.
 //
 // The bump and the detach are one step as far as flights are concerned.
 // Done apart, a reader could snapshot the bumped stripe, start a flight,
 // and have that flight detached by the late Forget: the next flight would
 // share its snapshot, and the one that read Redis first could land in L1
 // last with a valid snapshot (TestFleet_Stress caught this).
+//
+// The entry itself is left in ristretto: the bump already hides it, and a
+// key that stays present is refilled through ristretto's synchronous update
+// path (visible at once, never dropped or refused by admission) instead of
+// its asynchronous new-key path (pitfalls R1-R3, section 4.5). ristretto's
+// Del would also block on its set buffer. In ModeMemory, where L1 is the
+// only copy, the entry is deleted to free it.
 func (c *Cache[V]) invalidateLocal(key string) {
 	h := xxhash.Sum64String(key)
 	c.flights.Forget(func() { c.stripes[h&stripeMask].Add(1) }, flightKey(key), rememberKey(key))
-	if c.l1 != nil {
+	if c.l1 != nil && c.rdb == nil {
 		c.l1.Del(h)
 	}
 }
