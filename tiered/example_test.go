@@ -93,3 +93,35 @@ func ExampleModeMemory() {
 	fmt.Println(v, ok)
 	// Output: hello true
 }
+
+func ExampleCache_Remember() {
+	ctx := context.Background()
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr(), ContextTimeoutEnabled: true})
+	defer rdb.Close()
+	bus, _ := invalidate.New(rdb, invalidate.Options{})
+	defer bus.Close()
+	users, _ := tiered.New[User]("example-remember", rdb, bus, tiered.Options{})
+	defer users.Close()
+	_ = users.Delete(ctx, "7") // a clean start for the example
+
+	db := map[string]User{"7": {ID: 7, Name: "Grace"}} // the source of truth
+	loads := 0
+	load := func(ctx context.Context, key string) (User, error) {
+		loads++
+		u, ok := db[key]
+		if !ok {
+			return User{}, tiered.ErrNotFound // remembered for NegativeTTL
+		}
+		return u, nil
+	}
+	u, err := users.Remember(ctx, "7", load) // loads, stores in Redis and L1
+	fmt.Println(u.Name, err)
+	u, err = users.Remember(ctx, "7", load) // from L1
+	fmt.Println(u.Name, err, "loads:", loads)
+	_, err = users.Remember(ctx, "missing", load)
+	fmt.Println(err)
+	// Output:
+	// Grace <nil>
+	// Grace <nil> loads: 1
+	// tiered: not found
+}
