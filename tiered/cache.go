@@ -191,11 +191,14 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
 // Redis count as a miss and are deleted.
 //
-// An L1 hit takes no lock, allocates nothing and does not look at ctx;
-// anything that goes to Redis fails at once if ctx is already done and
-// returns when ctx is done. On an L1 miss, concurrent
-// Gets of one key share one Redis round trip; each caller waits only as long
-// as its own ctx allows.
+// An L1 hit takes no lock, allocates nothing and does not look at ctx. On
+// an L1 miss, concurrent Gets of one key share one Redis round trip; a ctx
+// that is already done fails the call at once, and a ctx deadline is always
+// honoured. The caller that performs the shared read does so on its own
+// goroutine (no hand-off: it is the fast path), so a cancellation of its ctx
+// without a deadline is noticed when the read returns, at most
+// Options.CommandTimeout later; the callers that joined it can leave at any
+// time.
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
@@ -255,7 +258,9 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	}
 	// The snapshot is taken before the flight exists (see readL2).
 	snap := c.snap(hashKey(key))
-	r, err, _ := c.flights.Do(ctx, flightKey(key), c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
+	// An L2 read is one short round trip: run it on this goroutine unless
+	// ctx's deadline is sooner than CommandTimeout (see DoInline).
+	r, err, _ := c.flights.DoInline(ctx, flightKey(key), c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
 		if c.flightStart != nil {
 			c.flightStart(key)
 		}

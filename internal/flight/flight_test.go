@@ -827,3 +827,52 @@ func TestForgetAlsoIsAtomicWithDo(t *testing.T) {
 		t.Fatalf("order = %v, want [bump run]: the run started inside Forget's critical section", order)
 	}
 }
+
+// TestDoInline: the leader runs fn itself; joiners get its result; a panic
+// reaches the leader and the joiners as an error; a caller whose deadline
+// is sooner than the timeout is not held by fn.
+func TestDoInline(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+
+	release := make(chan struct{})
+	leader := make(chan int)
+	go func() {
+		v, _, _ := g.DoInline(context.Background(), "k", time.Second, func(ctx context.Context) (int, error) {
+			<-release
+			return 7, ctx.Err()
+		})
+		leader <- v
+	}()
+	waitWaiters(t, g, "k", 1)
+	joiner := make(chan int)
+	go func() {
+		v, _, shared := g.Do(context.Background(), "k", time.Second, func(context.Context) (int, error) { return -1, nil })
+		if !shared {
+			t.Error("joiner: shared = false")
+		}
+		joiner <- v
+	}()
+	waitWaiters(t, g, "k", 2)
+	close(release)
+	if v, w := <-leader, <-joiner; v != 7 || w != 7 {
+		t.Fatalf("DoInline leader/joiner = %d/%d, want 7/7", v, w)
+	}
+
+	_, err, _ := g.DoInline(context.Background(), "p", time.Second, func(context.Context) (int, error) { panic("inline boom") })
+	var pe *PanicError
+	if !errors.As(err, &pe) || pe.Value != "inline boom" {
+		t.Fatalf("DoInline(panic) err = %v, want a *PanicError", err)
+	}
+
+	// A deadline sooner than the run's timeout: the caller leaves on time.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	block := make(chan struct{})
+	defer close(block)
+	start := time.Now()
+	_, err, _ = g.DoInline(ctx, "slow", time.Minute, func(context.Context) (int, error) { <-block; return 0, nil })
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 5*time.Second {
+		t.Fatalf("DoInline with a short deadline: err = %v after %v; want DeadlineExceeded on time", err, time.Since(start))
+	}
+}
