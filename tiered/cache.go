@@ -264,8 +264,7 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 		if c.flightStart != nil {
 			c.flightStart(key)
 		}
-		m, err := c.readL2(ctx, []string{key}, []snapshot{snap})
-		return m[flightKey(key)], err
+		return c.readOne(ctx, key, snap)
 	})
 	if err != nil {
 		if c.closing.Load() {
@@ -297,55 +296,78 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 	if err != nil {
 		return nil, err
 	}
-	// PTTL only matters for the L1 entry's lifetime; without L1 a key is
-	// one GET (and a single key without a pipeline at all).
+	// PTTL only matters for the L1 entry's lifetime: without L1 a key is
+	// one GET.
 	gets := make([]*redis.StringCmd, len(keys))
 	ttls := make([]*redis.DurationCmd, len(keys))
-	if c.l1 == nil && len(keys) == 1 {
-		gets[0] = c.rdb.Get(ctx, c.dataKey(gen, keys[0]))
-		err = gets[0].Err()
-	} else {
-		pipe := c.rdb.Pipeline()
-		for i, k := range keys {
-			dk := c.dataKey(gen, k)
-			gets[i] = pipe.Get(ctx, dk)
-			if c.l1 != nil {
-				ttls[i] = pipe.PTTL(ctx, dk)
-			}
+	pipe := c.rdb.Pipeline()
+	for i, k := range keys {
+		dk := c.dataKey(gen, k)
+		gets[i] = pipe.Get(ctx, dk)
+		if c.l1 != nil {
+			ttls[i] = pipe.PTTL(ctx, dk)
 		}
-		_, err = pipe.Exec(ctx)
 	}
-	if err != nil && !errors.Is(err, redis.Nil) {
-		if len(keys) == 1 {
-			return nil, fmt.Errorf("tiered: get %q: %w", keys[0], err)
-		}
+	if _, err = pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("tiered: get %d keys: %w", len(keys), err)
 	}
 	out := make(map[string]readResult[V], len(keys))
 	for i, k := range keys {
-		raw, err := gets[i].Bytes()
-		if err != nil { // redis.Nil
-			c.st.l2Misses.Add(1)
-			continue
+		if r := c.absorb(ctx, k, snaps[i], gen, gets[i], ttls[i]); r.found {
+			out[flightKey(k)] = r
 		}
-		val, payload, found, err := c.decode(raw)
-		if err != nil {
-			c.dropCorrupt(ctx, c.dataKey(gen, k), raw, err)
-		}
-		if err != nil || !found { // corrupt, or a tombstone
-			c.st.l2Misses.Add(1)
-			continue
-		}
-		c.st.l2Hits.Add(1)
-		if c.afterL2Read != nil {
-			c.afterL2Read(k)
-		}
-		if c.l1 != nil { // without L1 there is nothing to fill or to go back to
-			c.fill(k, hashKey(k), snaps[i], val, payload, len(raw), ttls[i].Val())
-		}
-		out[flightKey(k)] = readResult[V]{val: val, found: true}
 	}
 	return out, nil
+}
+
+// readOne is readL2 for a single key, without the batch's slices and map:
+// the path of every Get that misses L1.
+func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (readResult[V], error) {
+	gen, err := c.generation(ctx, s)
+	if err != nil {
+		return readResult[V]{}, err
+	}
+	dk := c.dataKey(gen, key)
+	var get *redis.StringCmd
+	var ttl *redis.DurationCmd
+	if c.l1 == nil {
+		get = c.rdb.Get(ctx, dk)
+		err = get.Err()
+	} else {
+		pipe := c.rdb.Pipeline()
+		get, ttl = pipe.Get(ctx, dk), pipe.PTTL(ctx, dk)
+		_, err = pipe.Exec(ctx)
+	}
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return readResult[V]{}, fmt.Errorf("tiered: get %q: %w", key, err)
+	}
+	return c.absorb(ctx, key, s, gen, get, ttl), nil
+}
+
+// absorb decodes one key's GET reply, counts it, drops corrupt bytes, and
+// fills L1 (ttl is nil without L1).
+func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint64, get *redis.StringCmd, ttl *redis.DurationCmd) readResult[V] {
+	raw, err := get.Bytes()
+	if err != nil { // redis.Nil
+		c.st.l2Misses.Add(1)
+		return readResult[V]{}
+	}
+	val, payload, found, err := c.decode(raw)
+	if err != nil {
+		c.dropCorrupt(ctx, c.dataKey(gen, key), raw, err)
+	}
+	if err != nil || !found { // corrupt, or a tombstone or negative entry
+		c.st.l2Misses.Add(1)
+		return readResult[V]{}
+	}
+	c.st.l2Hits.Add(1)
+	if c.afterL2Read != nil {
+		c.afterL2Read(key)
+	}
+	if ttl != nil { // without L1 there is nothing to fill or to go back to
+		c.fill(key, hashKey(key), s, val, payload, len(raw), ttl.Val())
+	}
+	return readResult[V]{val: val, found: true}
 }
 
 // flightKey is a key's name in the flight group; the prefix leaves room for
