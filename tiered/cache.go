@@ -100,8 +100,9 @@ type Cache[V any] struct {
 }
 
 type readResult[V any] struct {
-	val   V
-	found bool
+	val      V
+	found    bool
+	negative bool // Remember: the source said the key is absent
 }
 
 // New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').

@@ -113,10 +113,10 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		c.st.errors.Add(1)
 		return v, &PanicError{Value: pe.Value, Stack: pe.Stack}
 	case err != nil:
-		if !errors.Is(err, ErrNotFound) {
-			c.st.errors.Add(1)
-		}
+		c.st.errors.Add(1)
 		return v, err
+	case r.negative:
+		return v, ErrNotFound
 	case c.opts.CopyOnRead:
 		v, _, err := c.copyValue(r.val)
 		return v, err
@@ -175,7 +175,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			case raw[3]&byte(wire.FlagNegative) != 0:
 				c.st.l2Hits.Add(1)
 				c.fillNegative(key, h, s, pttl.Val())
-				return readResult[V]{}, ErrNotFound
+				return readResult[V]{negative: true}, nil
 			default: // a tombstone: load, and store only over this very tombstone
 				c.st.l2Misses.Add(1)
 				expect = raw[4:12]
@@ -195,7 +195,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 		if !noStore && c.opts.NegativeTTL > 0 {
 			c.storeLoaded(ctx, key, h, s, gen, expect, nil, started)
 		}
-		return readResult[V]{}, ErrNotFound
+		return readResult[V]{negative: true}, nil
 	case err != nil:
 		return readResult[V]{}, err
 	}
@@ -277,4 +277,194 @@ func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Dur
 	}
 	c.store(h, &entry[V]{key: key, negative: true, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
 		expires: expiry(ttl), cost: int64(len(key) + entryCost)})
+}
+
+// BatchLoader loads the values of keys from the source of truth, for
+// RememberMany. Keys it leaves out of the map are absent at the source and
+// become negative entries, as with ErrNotFound. Its context is like a
+// Loader's.
+type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, error)
+
+// RememberMany is Remember for many keys: L1 hits first, then one Redis
+// pipeline for the rest, then one call of load for the keys still missing.
+// Keys that a Remember or RememberMany call in this process is already
+// loading are joined, not loaded again, and single Remember calls join the
+// keys this call loads. Absent keys are left out of the result. On error
+// the map holds what was found before it.
+func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (map[string]V, error) {
+	for _, k := range keys {
+		if err := c.checkKey(k); err != nil {
+			return nil, err
+		}
+	}
+	if load == nil {
+		return nil, errors.New("tiered: nil BatchLoader")
+	}
+	leave, err := c.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer leave()
+	out := make(map[string]V, len(keys))
+	var missing []string
+	seen := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		if c.l1 != nil {
+			h := hashKey(k)
+			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
+				c.hits.add(h)
+				if !e.negative {
+					v, _, err := c.readEntry(e)
+					if err != nil {
+						return out, err
+					}
+					out[k] = v
+				}
+				continue
+			}
+			c.st.l1Misses.Add(1)
+		}
+		missing = append(missing, k)
+	}
+	if len(missing) == 0 {
+		return out, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return out, err
+	}
+	fkeys := make([]string, len(missing))
+	snaps := make(map[string]snapshot, len(missing)) // before the flights exist (see readL2)
+	for i, k := range missing {
+		fkeys[i] = rememberKey(k)
+		snaps[k] = c.snap(hashKey(k))
+	}
+	results := c.flights.DoMany(ctx, fkeys, c.opts.LoadTimeout, func(ctx context.Context, fkeys []string) (map[string]readResult[V], error) {
+		keys := make([]string, len(fkeys))
+		for i, fk := range fkeys {
+			keys[i] = fk[1:]
+		}
+		return c.readThroughMany(ctx, keys, snaps, load)
+	})
+	var errs []error
+	for i, r := range results {
+		switch {
+		case r.Err != nil:
+			errs = append(errs, r.Err)
+		case r.Val.found:
+			v := r.Val.val
+			if c.opts.CopyOnRead {
+				if v, _, err = c.copyValue(v); err != nil {
+					return out, err
+				}
+			}
+			out[missing[i]] = v
+		}
+	}
+	if len(errs) > 0 {
+		if c.closing.Load() {
+			return out, ErrClosed
+		}
+		c.st.errors.Add(1)
+		var pe *flight.PanicError
+		if errors.As(errs[0], &pe) {
+			return out, &PanicError{Value: pe.Value, Stack: pe.Stack}
+		}
+		return out, errs[0]
+	}
+	return out, nil
+}
+
+// readThroughMany is readThrough for a batch: one pipeline to Redis, one
+// call of load for what Redis does not have, then each loaded value stored
+// through the fence. The result is keyed by flight key.
+func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map[string]snapshot, load BatchLoader[V]) (map[string]readResult[V], error) {
+	out := make(map[string]readResult[V], len(keys))
+	expect := make(map[string][]byte, len(keys))
+	noStore := make(map[string]bool)
+	var gen uint64
+	toLoad := keys
+	if c.rdb != nil {
+		l2ctx, cancel := c.opCtx(ctx)
+		var err error
+		if gen, err = c.generation(l2ctx, snaps[keys[0]]); err != nil {
+			cancel()
+			return nil, err
+		}
+		pipe := c.rdb.Pipeline()
+		gets := make([]*redis.StringCmd, len(keys))
+		ttls := make([]*redis.DurationCmd, len(keys))
+		for i, k := range keys {
+			dk := c.dataKey(gen, k)
+			gets[i], ttls[i] = pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk)
+		}
+		_, err = pipe.Exec(l2ctx)
+		cancel()
+		if err == nil || errors.Is(err, redis.Nil) {
+			toLoad = nil
+			for i, k := range keys {
+				raw, err := gets[i].Bytes()
+				if err != nil {
+					c.st.l2Misses.Add(1)
+					toLoad = append(toLoad, k)
+					continue
+				}
+				h := hashKey(k)
+				val, payload, found, derr := c.decode(raw)
+				switch {
+				case derr != nil:
+					c.dropCorrupt(ctx, c.dataKey(gen, k), raw, derr)
+					c.st.l2Misses.Add(1)
+					noStore[k] = foreign(derr)
+					toLoad = append(toLoad, k)
+				case found:
+					c.st.l2Hits.Add(1)
+					c.fill(k, h, snaps[k], val, payload, len(raw), ttls[i].Val())
+					out[rememberKey(k)] = readResult[V]{val: val, found: true}
+				case raw[3]&byte(wire.FlagNegative) != 0:
+					c.st.l2Hits.Add(1)
+					c.fillNegative(k, h, snaps[k], ttls[i].Val())
+					out[rememberKey(k)] = readResult[V]{negative: true}
+				default: // a tombstone
+					c.st.l2Misses.Add(1)
+					expect[k] = raw[4:12]
+					toLoad = append(toLoad, k)
+				}
+			}
+		} else {
+			c.st.errors.Add(1) // Redis cannot answer: the source can; nothing is stored
+			for _, k := range keys {
+				noStore[k] = true
+			}
+		}
+	}
+	if len(toLoad) == 0 {
+		return out, nil
+	}
+	started := time.Now()
+	vals, err := load(ctx, toLoad)
+	c.st.loads.Add(1)
+	if err != nil {
+		return out, err
+	}
+	for _, k := range toLoad {
+		h := hashKey(k)
+		v, ok := vals[k]
+		switch {
+		case ok:
+			out[rememberKey(k)] = readResult[V]{val: v, found: true}
+			if !noStore[k] {
+				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], &v, started)
+			}
+		default:
+			out[rememberKey(k)] = readResult[V]{negative: true}
+			if !noStore[k] && c.opts.NegativeTTL > 0 {
+				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], nil, started)
+			}
+		}
+	}
+	return out, nil
 }

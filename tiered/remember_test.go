@@ -438,3 +438,103 @@ func TestRemember_L1HitAllocs(t *testing.T) {
 		t.Fatalf("Remember on an L1 hit allocates %v times, want 0", a)
 	}
 }
+
+// batchSource is a BatchLoader over a source, recording what it was asked.
+func (s *source) batch(calls *[][]string, mu *sync.Mutex) BatchLoader[string] {
+	return func(ctx context.Context, keys []string) (map[string]string, error) {
+		mu.Lock()
+		*calls = append(*calls, append([]string(nil), keys...))
+		mu.Unlock()
+		out := map[string]string{}
+		for _, k := range keys {
+			if v, err := s.load(ctx, k); err == nil {
+				out[k] = v
+			}
+		}
+		return out, nil
+	}
+}
+
+func TestRememberMany_LoadsOnlyWhatIsMissing(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{})
+	src := newSource()
+	src.put("b", "B")
+	src.put("d", "D")
+	ctx := ctxT(t)
+	_ = f[0].c.Set(ctx, "a", "A", 0) // in Redis already
+	var calls [][]string
+	var mu sync.Mutex
+	load := src.batch(&calls, &mu)
+	got, err := f[1].c.RememberMany(ctx, []string{"a", "b", "c", "a"}, load)
+	if err != nil || len(got) != 2 || got["a"] != "A" || got["b"] != "B" {
+		t.Fatalf("RememberMany = %v, %v; want a and b", got, err)
+	}
+	if len(calls) != 1 || strings.Join(calls[0], ",") != "b,c" {
+		t.Fatalf("batch loader calls = %v, want one call for [b c]", calls)
+	}
+	// Again, on the other instance: b from Redis, c a negative entry there.
+	got, err = f[0].c.RememberMany(ctx, []string{"a", "b", "c", "d"}, load)
+	if err != nil || len(got) != 3 || got["d"] != "D" {
+		t.Fatalf("second RememberMany = %v, %v; want a, b, d", got, err)
+	}
+	if len(calls) != 2 || strings.Join(calls[1], ",") != "d" {
+		t.Fatalf("batch loader calls = %v, want a second call for [d] only", calls)
+	}
+	if _, err := f[0].c.Remember(ctx, "c", src.load); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Remember(c) err = %v, want ErrNotFound from the negative entry", err)
+	}
+	if n := src.loads.Load(); n != 3 {
+		t.Fatalf("source reads = %d, want 3 (b, c, d)", n)
+	}
+}
+
+// TestRememberMany_JoinsFlights: a batch joins a key a single Remember is
+// loading, and a single Remember joins a key a batch is loading.
+func TestRememberMany_JoinsFlights(t *testing.T) {
+	c := newCache[string](t, Options{})
+	src := newSource()
+	for _, k := range []string{"x", "y", "p", "q"} {
+		src.put(k, strings.ToUpper(k))
+	}
+	ctx := ctxT(t)
+	release := make(chan struct{})
+	slow := func(ctx context.Context, k string) (string, error) { <-release; return src.load(ctx, k) }
+	single := make(chan string)
+	go func() { v, _ := c.Remember(ctx, "x", slow); single <- v }()
+	waitWaiters(t, c, "x", 1)
+	var calls [][]string
+	var mu sync.Mutex
+	batch := make(chan map[string]string)
+	go func() { m, _ := c.RememberMany(ctx, []string{"x", "y"}, src.batch(&calls, &mu)); batch <- m }()
+	waitWaiters(t, c, "x", 2) // the batch joined x
+	close(release)
+	if v := <-single; v != "X" {
+		t.Fatalf("Remember(x) = %q", v)
+	}
+	if m := <-batch; m["x"] != "X" || m["y"] != "Y" {
+		t.Fatalf("RememberMany = %v", m)
+	}
+	if len(calls) != 1 || strings.Join(calls[0], ",") != "y" {
+		t.Fatalf("batch loader calls = %v, want [y] only (x was joined)", calls)
+	}
+
+	// The other way round.
+	hold := make(chan struct{})
+	blocking := func(ctx context.Context, keys []string) (map[string]string, error) {
+		<-hold
+		return map[string]string{"p": "P", "q": "Q"}, nil
+	}
+	batch2 := make(chan map[string]string)
+	go func() { m, _ := c.RememberMany(ctx, []string{"p", "q"}, blocking); batch2 <- m }()
+	waitWaiters(t, c, "p", 1)
+	joined := make(chan string)
+	go func() { v, _ := c.Remember(ctx, "p", slow); joined <- v }()
+	waitWaiters(t, c, "p", 2)
+	close(hold)
+	if v := <-joined; v != "P" {
+		t.Fatalf("Remember(p) joining the batch = %q, want P", v)
+	}
+	if m := <-batch2; len(m) != 2 {
+		t.Fatalf("RememberMany(p, q) = %v", m)
+	}
+}
