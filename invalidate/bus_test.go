@@ -1,6 +1,8 @@
 package invalidate
 
 import (
+	"go.uber.org/goleak"
+
 	"context"
 	"encoding/binary"
 	"errors"
@@ -881,4 +883,10 @@ func TestBusStress(t *testing.T) {
 			t.Errorf("bus %d: Epoch() = %d after the stress, want %d (no fault)", i, e, epochs[i])
 		}
 	}
+}
+
+// TestMain fails the package when a test leaves a goroutine behind: every
+// Bus must stop its receive goroutine (and its subscription) in Close.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
 }

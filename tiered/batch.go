@@ -9,6 +9,8 @@ import (
 	"github.com/cespare/xxhash/v2"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/tiercache/tiercache/internal/flight"
+
 	"github.com/tiercache/tiercache/invalidate"
 )
 
@@ -30,26 +32,9 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		return nil, err
 	}
 	defer leave()
-	out := make(map[string]V, len(keys))
-	var missing []string
-	for _, k := range keys {
-		if _, dup := out[k]; dup {
-			continue
-		}
-		if c.l1 != nil {
-			h := xxhash.Sum64String(k)
-			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
-				v, _, err := c.readEntry(e)
-				if err != nil {
-					return out, err
-				}
-				c.hits.add(h)
-				out[k] = v
-				continue
-			}
-			c.st.l1Misses.Add(1)
-		}
-		missing = append(missing, k)
+	out, missing, err := c.l1Many(keys)
+	if err != nil {
+		return out, err
 	}
 	if len(missing) == 0 {
 		return out, nil
@@ -78,30 +63,74 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		}
 		return c.readL2(ctx, keys, ss)
 	})
-	var errs []error
+	return out, c.collect(out, missing, results)
+}
+
+// l1Many answers what it can of keys from L1 and returns the keys left for
+// Redis (each once). A negative entry answers "absent": the key is neither
+// in out nor in missing.
+func (c *Cache[V]) l1Many(keys []string) (out map[string]V, missing []string, err error) {
+	out = make(map[string]V, len(keys))
+	seen := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		if c.l1 != nil {
+			h := hashKey(k)
+			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
+				c.hits.add(h)
+				if !e.negative {
+					v, _, err := c.readEntry(e)
+					if err != nil {
+						return out, nil, err
+					}
+					out[k] = v
+				}
+				continue
+			}
+			c.st.l1Misses.Add(1)
+		}
+		missing = append(missing, k)
+	}
+	return out, missing, nil
+}
+
+// collect adds the found values of a DoMany over missing to out (private
+// copies with CopyOnRead) and returns the first error, as the caller should
+// see it.
+func (c *Cache[V]) collect(out map[string]V, missing []string, results []flight.Result[readResult[V]]) error {
+	var first error
 	for i, r := range results {
 		switch {
 		case r.Err != nil:
-			errs = append(errs, r.Err)
+			if first == nil {
+				first = r.Err
+			}
 		case r.Val.found:
 			v := r.Val.val
 			if c.opts.CopyOnRead {
 				var err error
 				if v, _, err = c.copyValue(v); err != nil {
-					return out, err
+					return err
 				}
 			}
 			out[missing[i]] = v
 		}
 	}
-	if len(errs) > 0 {
-		if c.closing.Load() {
-			return out, ErrClosed // the flights were cancelled by Close
-		}
+	var pe *flight.PanicError
+	switch {
+	case first == nil:
+		return nil
+	case c.closing.Load():
+		return ErrClosed // the flights were cancelled by Close
+	case errors.As(first, &pe):
 		c.st.errors.Add(1)
-		return out, errs[0] // the same failure, usually, for every key of a run
+		return &PanicError{Value: pe.Value, Stack: pe.Stack}
 	}
-	return out, nil
+	c.st.errors.Add(1)
+	return first // the same failure, usually, for every key of a run
 }
 
 func (c *Cache[V]) readEntry(e *entry[V]) (V, bool, error) {

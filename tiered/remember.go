@@ -305,30 +305,9 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		return nil, err
 	}
 	defer leave()
-	out := make(map[string]V, len(keys))
-	var missing []string
-	seen := make(map[string]bool, len(keys))
-	for _, k := range keys {
-		if seen[k] {
-			continue
-		}
-		seen[k] = true
-		if c.l1 != nil {
-			h := hashKey(k)
-			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
-				c.hits.add(h)
-				if !e.negative {
-					v, _, err := c.readEntry(e)
-					if err != nil {
-						return out, err
-					}
-					out[k] = v
-				}
-				continue
-			}
-			c.st.l1Misses.Add(1)
-		}
-		missing = append(missing, k)
+	out, missing, err := c.l1Many(keys)
+	if err != nil {
+		return out, err
 	}
 	if len(missing) == 0 {
 		return out, nil
@@ -349,33 +328,7 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		}
 		return c.readThroughMany(ctx, keys, snaps, load)
 	})
-	var errs []error
-	for i, r := range results {
-		switch {
-		case r.Err != nil:
-			errs = append(errs, r.Err)
-		case r.Val.found:
-			v := r.Val.val
-			if c.opts.CopyOnRead {
-				if v, _, err = c.copyValue(v); err != nil {
-					return out, err
-				}
-			}
-			out[missing[i]] = v
-		}
-	}
-	if len(errs) > 0 {
-		if c.closing.Load() {
-			return out, ErrClosed
-		}
-		c.st.errors.Add(1)
-		var pe *flight.PanicError
-		if errors.As(errs[0], &pe) {
-			return out, &PanicError{Value: pe.Value, Stack: pe.Stack}
-		}
-		return out, errs[0]
-	}
-	return out, nil
+	return out, c.collect(out, missing, results)
 }
 
 // readThroughMany is readThrough for a batch: one pipeline to Redis, one

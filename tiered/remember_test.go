@@ -137,6 +137,9 @@ func TestRemember_Negative(t *testing.T) {
 		if v, ok, err := in.c.Get(ctx, "ghost"); ok || err != nil {
 			t.Fatalf("instance %d: Get(negative) = %q, %v, %v; want a miss", i, v, ok, err)
 		}
+		if m, err := in.c.GetMany(ctx, []string{"ghost"}); len(m) != 0 || err != nil {
+			t.Fatalf("instance %d: GetMany(negative) = %v, %v; want nothing", i, m, err)
+		}
 		if ok, _ := in.c.Exists(ctx, "ghost"); ok {
 			t.Fatalf("instance %d: Exists(negative) = true", i)
 		}

@@ -1,6 +1,8 @@
 package wire
 
 import (
+	"go.uber.org/goleak"
+
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -314,3 +316,6 @@ func BenchmarkDecodeEnvelope(b *testing.B) {
 		}
 	}
 }
+
+// TestMain checks that no test leaves a goroutine behind.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
