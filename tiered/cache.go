@@ -37,7 +37,7 @@ type entry[V any] struct {
 	key      string
 	val      V
 	raw      []byte // the encoded payload, kept only with CopyOnRead
-	stripe   uint64
+	stripe   uint32
 	ns       uint64
 	epoch    uint64
 	expires  int64 // coarse-clock unix ns
@@ -46,7 +46,10 @@ type entry[V any] struct {
 }
 
 // snapshot is the fence state read before an L2 read or a load.
-type snapshot struct{ stripe, ns, epoch uint64 }
+type snapshot struct {
+	stripe    uint32
+	ns, epoch uint64
+}
 
 // Cache is a two-tier cache of values of type V for one namespace: an L1 in
 // process memory in front of Redis, kept coherent across instances by an
@@ -61,10 +64,13 @@ type Cache[V any] struct {
 	rdb  redis.UniversalClient // nil in ModeMemory
 	bus  *invalidate.Bus       // nil in ModeMemory
 	l1   *ristretto.Cache[uint64, *entry[V]]
-	clk  *coarseClock // nil without L1
+	clk  *coarseClock // nil without L1; it advances now
+	// now is the coarse clock's reading, kept in the cache itself so that a
+	// hit reads it without following a pointer.
+	now atomic.Int64
 	hits hitCounter
 
-	stripes []atomic.Uint64
+	stripes []atomic.Uint32 // 32 bits: half the cache footprint; a wrap within an entry's life is out of reach
 	nsEpoch atomic.Uint64 // bumped by Clear and received flushes
 	nsGen   atomic.Uint64 // the namespace's L2 generation (part of every key)
 	base    string        // <prefix><name>:<schema>:
@@ -126,7 +132,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 	c := &Cache[V]{
 		name:    name,
 		opts:    opts,
-		stripes: make([]atomic.Uint64, stripeCount),
+		stripes: make([]atomic.Uint32, stripeCount),
 		base:    opts.KeyPrefix + name + ":" + opts.Schema + ":",
 		flights: flight.New[readResult[V]](),
 		start:   time.Now(),
@@ -158,7 +164,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		if err != nil {
 			return nil, fmt.Errorf("tiered: L1: %w", err)
 		}
-		c.clk = startClock()
+		c.clk = startClock(&c.now)
 	}
 	if c.bus != nil {
 		// Register before reading the generation, so a flush published
@@ -222,7 +228,7 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error
 // produced it.
 func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 	return e.key == key &&
-		e.expires > c.clk.now.Load() &&
+		e.expires > c.now.Load() &&
 		e.stripe == c.stripes[h&stripeMask].Load() &&
 		e.ns == c.nsEpoch.Load() &&
 		e.epoch == c.busEpoch()

@@ -16,15 +16,15 @@ const clockTick = 5 * time.Millisecond
 // hit here), so L1 entries carry their own expiry, checked against this
 // clock, and ristretto is given no TTL at all.
 type coarseClock struct {
-	now       atomic.Int64 // unix ns
+	now       *atomic.Int64 // unix ns, owned by the reader (see Cache.now)
 	stop      chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
 }
 
 // startClock starts the goroutine that advances the clock; stop ends it.
-func startClock() *coarseClock {
-	k := &coarseClock{stop: make(chan struct{}), done: make(chan struct{})}
+func startClock(now *atomic.Int64) *coarseClock {
+	k := &coarseClock{now: now, stop: make(chan struct{}), done: make(chan struct{})}
 	k.now.Store(time.Now().UnixNano())
 	go func() {
 		defer close(k.done)
