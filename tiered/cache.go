@@ -67,13 +67,13 @@ type Cache[V any] struct {
 	clk  *coarseClock // nil without L1; it advances now
 	// now is the coarse clock's reading, kept in the cache itself so that a
 	// hit reads it without following a pointer.
-	now atomic.Int64
+	now  atomic.Int64
 	hits hitCounter
 
 	stripes []atomic.Uint32 // 32 bits: half the cache footprint; a wrap within an entry's life is out of reach
-	nsEpoch atomic.Uint64 // bumped by Clear and received flushes
-	nsGen   atomic.Uint64 // the namespace's L2 generation (part of every key)
-	base    string        // <prefix><name>:<schema>:
+	nsEpoch atomic.Uint64   // bumped by Clear and received flushes
+	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key)
+	base    string          // <prefix><name>:<schema>:
 	genKey  string
 
 	flights    *flight.Group[readResult[V]]

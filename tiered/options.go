@@ -141,6 +141,14 @@ type Options struct {
 	// Zero means DefaultLoadTimeout.
 	LoadTimeout time.Duration
 
+	// Lease makes Remember load each key once across the whole fleet, not
+	// once per instance: on a miss in Redis an instance takes a short lease
+	// (SET NX PX, for LoadTimeout) and loads; the others poll Redis every
+	// 10 ms for its result, and take over if the lease expires first (the
+	// holder died), so they wait at most LoadTimeout for a dead holder.
+	// Off by default: each waiting instance costs a Redis read per poll.
+	Lease bool
+
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
 	// tiers. Zero means DefaultNegativeTTL; negative disables negative
 	// caching.

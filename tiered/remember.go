@@ -3,6 +3,8 @@ package tiered
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -186,6 +188,13 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	}
 	if c.afterL2Read != nil {
 		c.afterL2Read(key)
+	}
+	if c.opts.Lease && c.rdb != nil && !noStore {
+		r, done, release, err := c.lease(ctx, key, gen, s, &expect)
+		if done || err != nil {
+			return r, err
+		}
+		defer release()
 	}
 	started := time.Now()
 	v, err := load(ctx, key)
@@ -420,4 +429,81 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		}
 	}
 	return out, nil
+}
+
+// leasePoll is how often an instance waiting for another's load looks in
+// Redis for its result.
+const leasePoll = 10 * time.Millisecond
+
+// releaseScript deletes a lease only if this load still holds it.
+var releaseScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+// lease makes one instance of the fleet load key (Options.Lease): it takes
+// a lease in Redis (SET NX PX, next to the key so they share a cluster
+// slot) and, if another instance holds it, polls Redis every leasePoll for
+// that instance's result, taking the lease over if it expires first (the
+// holder died). done reports that the result was found in Redis; otherwise
+// this load holds the lease and must call release when it has stored its
+// value. expect is updated to what Redis held when the lease was taken.
+func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot, expect *[]byte) (r readResult[V], done bool, release func(), err error) {
+	dk := c.dataKey(gen, key)
+	lk := dk + ":lease"
+	token := strconv.FormatUint(writeID(), 36)
+	h := hashKey(key)
+	for {
+		l2ctx, cancel := c.opCtx(ctx)
+		ok, err := c.rdb.SetNX(l2ctx, lk, token, c.opts.LoadTimeout).Result()
+		cancel()
+		if err != nil {
+			return r, false, nil, fmt.Errorf("tiered: lease %q: %w", key, err)
+		}
+		if ok {
+			c.st.leases.Add(1)
+			return r, false, func() {
+				ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.CommandTimeout)
+				_ = releaseScript.Run(ctx, c.rdb, []string{lk}, token).Err()
+				cancel()
+			}, nil
+		}
+		// Another instance is loading: wait for its result.
+		c.st.leaseWaits.Add(1)
+		t := time.NewTimer(leasePoll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return r, false, nil, ctx.Err()
+		case <-t.C:
+		}
+		l2ctx, cancel = c.opCtx(ctx)
+		pipe := c.rdb.Pipeline()
+		get, pttl, held := pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk), pipe.Exists(l2ctx, lk)
+		_, err = pipe.Exec(l2ctx)
+		cancel()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return r, false, nil, fmt.Errorf("tiered: wait for the lease on %q: %w", key, err)
+		}
+		if raw, err := get.Bytes(); err == nil {
+			val, payload, found, derr := c.decode(raw)
+			switch {
+			case derr != nil:
+			case found:
+				c.fill(key, h, s, val, payload, len(raw), pttl.Val())
+				return readResult[V]{val: val, found: true}, true, nil, nil
+			case raw[3]&byte(wire.FlagNegative) != 0:
+				c.fillNegative(key, h, s, pttl.Val())
+				return readResult[V]{negative: true}, true, nil, nil
+			default: // a tombstone: what our own store must replace
+				*expect = raw[4:12]
+			}
+		} else {
+			*expect = nil
+		}
+		if held.Val() == 0 { // released without a result, or expired: our turn
+			continue
+		}
+	}
 }

@@ -541,3 +541,84 @@ func TestRememberMany_JoinsFlights(t *testing.T) {
 		t.Fatalf("RememberMany(p, q) = %v", m)
 	}
 }
+
+// TestRemember_StampedeWithLease: with Lease, 4 instances × 250 goroutines
+// on one cold key call the loader once in the whole fleet.
+func TestRemember_StampedeWithLease(t *testing.T) {
+	f := newFleet[string](t, srv, 4, Options{Lease: true})
+	src := newSource()
+	src.put("hot", "v")
+	load := func(ctx context.Context, k string) (string, error) {
+		time.Sleep(50 * time.Millisecond) // a slow query keeps the lease held
+		return src.load(ctx, k)
+	}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	var bad atomic.Int32
+	for i := range 4 * 250 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			if v, err := f[i%4].c.Remember(context.Background(), "hot", load); err != nil || v != "v" {
+				bad.Add(1)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	var leases, waits uint64
+	for _, in := range f {
+		leases += in.c.st.leases.Load()
+		waits += in.c.st.leaseWaits.Load()
+	}
+	t.Logf("loader calls: %d, leases taken: %d, polls by waiting instances: %d", src.loads.Load(), leases, waits)
+	if n := src.loads.Load(); n != 1 || bad.Load() != 0 {
+		t.Fatalf("loader calls = %d, bad results = %d; want 1 and 0", n, bad.Load())
+	}
+}
+
+// TestRemember_LeaseTakeover: a lease whose holder died (it never stores a
+// value) is taken over when it expires, and a holder whose loader fails
+// releases the lease at once.
+func TestRemember_LeaseTakeover(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{Lease: true})
+	c := f[0].c
+	src := newSource()
+	src.put("k", "v")
+	ctx := ctxT(t)
+	// A dead holder: the lease exists, nobody will ever fill the key.
+	lk := c.dataKey(c.nsGen.Load(), "k") + ":lease"
+	if err := c.rdb.Set(ctx, lk, "dead-holder", 300*time.Millisecond).Err(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v" {
+		t.Fatalf("Remember behind a dead holder = %q, %v", v, err)
+	}
+	if d := time.Since(start); d < 250*time.Millisecond || d > 3*time.Second {
+		t.Fatalf("took over after %v; want about the lease's 300ms", d)
+	}
+	if n := src.loads.Load(); n != 1 {
+		t.Fatalf("loads = %d, want 1", n)
+	}
+
+	// A holder whose loader fails hands over at once.
+	boom := errors.New("db down")
+	holding, fail := make(chan struct{}), make(chan struct{})
+	failing := func(context.Context, string) (string, error) { close(holding); <-fail; return "", boom }
+	first := make(chan error)
+	go func() { _, err := f[0].c.Remember(ctx, "k2", failing); first <- err }()
+	<-holding
+	src.put("k2", "v2")
+	second := make(chan string)
+	go func() { v, _ := f[1].c.Remember(ctx, "k2", src.load); second <- v }()
+	eventually(t, 5*time.Second, "the second instance to wait on the lease", func() bool { return f[1].c.st.leaseWaits.Load() > 0 })
+	close(fail)
+	if err := <-first; !errors.Is(err, boom) {
+		t.Fatalf("holder err = %v, want %v", err, boom)
+	}
+	if v := <-second; v != "v2" {
+		t.Fatalf("the waiting instance got %q, want v2 from its own load", v)
+	}
+}

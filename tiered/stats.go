@@ -19,6 +19,7 @@ type counters struct {
 	writes, errors        atomic.Uint64
 	corrupt               atomic.Uint64
 	loads, fencedFills    atomic.Uint64 // loader calls; loaded values Redis refused (written meanwhile)
+	leases, leaseWaits    atomic.Uint64 // leases taken; polls for another instance's load
 }
 
 // TierStats counts reads answered by one tier.
