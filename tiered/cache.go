@@ -43,6 +43,10 @@ type entry[V any] struct {
 	expires  int64 // coarse-clock unix ns
 	cost     int64
 	negative bool // the loader said the key is absent at the source
+	// fresh is when the value goes stale (unix ns; 0: never, before its
+	// expiry), and wid its write ID in Redis: what a refresh must replace.
+	fresh int64
+	wid   uint64
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -69,6 +73,9 @@ type Cache[V any] struct {
 	// hit reads it without following a pointer.
 	now  atomic.Int64
 	hits hitCounter
+	// throttle holds, per key, when a failed refresh may be retried
+	// (Options.RetryThrottle); entries go when a refresh succeeds.
+	throttle sync.Map
 
 	stripes []atomic.Uint32 // 32 bits: half the cache footprint; a wrap within an entry's life is out of reach
 	nsEpoch atomic.Uint64   // bumped by Clear and received flushes
@@ -109,6 +116,7 @@ type readResult[V any] struct {
 	val      V
 	found    bool
 	negative bool // Remember: the source said the key is absent
+	stale    bool // Remember: past its fresh period; the caller refreshes it
 }
 
 // New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').
@@ -372,7 +380,7 @@ func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint6
 		c.afterL2Read(key)
 	}
 	if ttl != nil { // without L1 there is nothing to fill or to go back to
-		c.fill(key, hashKey(key), s, val, payload, len(raw), ttl.Val())
+		c.fill(key, hashKey(key), s, val, payload, raw, ttl.Val())
 	}
 	return readResult[V]{val: val, found: true}
 }
@@ -414,7 +422,7 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 // that bump and forget in one step, this keeps reads on one instance
 // monotonic: once a read has returned a value, no later read on the
 // instance returns an older one (TestFleet_Stress checks it per reader).
-func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte, size int, l2TTL time.Duration) {
+func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []byte, l2TTL time.Duration) {
 	if s != c.snap(h) {
 		// Something voided this key while we read it, so L1 may now hold a
 		// valid entry from a flight that started after that and yet read
@@ -437,7 +445,8 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload []byte,
 		return
 	}
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
-		expires: expiry(ttl), cost: int64(size + len(key) + entryCost)}
+		expires: expiry(ttl), cost: int64(len(raw) + len(key) + entryCost)}
+	e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
 	if c.opts.CopyOnRead {
 		e.raw = payload
 	}

@@ -2,9 +2,11 @@ package tiered
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -24,8 +26,24 @@ func (c *Cache[V]) encodeValue(v V) (raw, payload []byte, err error) {
 	if c.opts.PlainJSON {
 		return payload, payload, nil
 	}
-	raw, err = wire.AppendEnvelope(nil, wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}, c.opts.CompressAbove)
+	env := wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}
+	if c.opts.FreshFor > 0 {
+		env.FreshUntil = time.Now().Add(c.opts.FreshFor).UnixMilli()
+	}
+	raw, err = wire.AppendEnvelope(nil, env, c.opts.CompressAbove)
 	return raw, payload, err
+}
+
+// freshness returns when an encoded value goes stale (unix ns, 0: never)
+// and its write ID, from the envelope header; plain JSON has neither.
+func freshness(raw []byte, plain bool) (fresh int64, wid uint64) {
+	if plain || len(raw) < wire.HeaderSize {
+		return 0, 0
+	}
+	if ms := int64(binary.BigEndian.Uint64(raw[12:20])); ms > 0 {
+		fresh = ms * int64(time.Millisecond)
+	}
+	return fresh, binary.BigEndian.Uint64(raw[4:12])
 }
 
 // tombstone returns the bytes Delete leaves behind.

@@ -64,6 +64,7 @@ const (
 	DefaultCommandTimeout = 500 * time.Millisecond
 	DefaultLoadTimeout    = 10 * time.Second
 	DefaultNegativeTTL    = 30 * time.Second
+	DefaultRetryThrottle  = 5 * time.Second
 )
 
 // Options configures a Cache. The zero value is valid: a tiered cache with
@@ -141,6 +142,26 @@ type Options struct {
 	// Zero means DefaultLoadTimeout.
 	LoadTimeout time.Duration
 
+	// FreshFor turns on stale-while-revalidate and fail-safe for Remember.
+	// A value is fresh for FreshFor after it was written; after that, and
+	// until TTL removes it from Redis, it is stale: Remember returns it and
+	// refreshes it (see SoftTimeout), and while the loader fails it keeps
+	// returning it (fail-safe), retrying at most every RetryThrottle. So TTL
+	// minus FreshFor is the longest a stale value is served. Get returns
+	// stale values like any other. Zero disables it.
+	FreshFor time.Duration
+
+	// SoftTimeout is how long a Remember that found a stale value waits for
+	// its refresh before returning the stale value; the refresh goes on in
+	// the background either way. Zero means no wait at all: pure
+	// stale-while-revalidate.
+	SoftTimeout time.Duration
+
+	// RetryThrottle is how long after a failed refresh Remember serves the
+	// stale value without calling the loader again. Zero means
+	// DefaultRetryThrottle.
+	RetryThrottle time.Duration
+
 	// Lease makes Remember load each key once across the whole fleet, not
 	// once per instance: on a miss in Redis an instance takes a short lease
 	// (SET NX PX, for LoadTimeout) and loads; the others poll Redis every
@@ -209,6 +230,9 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	if o.NegativeTTL == 0 {
 		o.NegativeTTL = DefaultNegativeTTL
 	}
+	if o.RetryThrottle == 0 {
+		o.RetryThrottle = DefaultRetryThrottle
+	}
 	var errs []error
 	if o.Mode > ModeRedis {
 		errs = append(errs, fmt.Errorf("tiered: unknown Mode %d", o.Mode))
@@ -224,6 +248,12 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	}
 	if o.LoadTimeout < 0 || o.LoadTimeout >= o.TombstoneTTL {
 		errs = append(errs, fmt.Errorf("tiered: LoadTimeout %v must be positive and shorter than TombstoneTTL %v", o.LoadTimeout, o.TombstoneTTL))
+	}
+	if o.FreshFor < 0 || (o.FreshFor > 0 && o.FreshFor >= o.TTL) {
+		errs = append(errs, fmt.Errorf("tiered: FreshFor %v must be shorter than TTL %v (the difference is the stale window)", o.FreshFor, o.TTL))
+	}
+	if o.SoftTimeout < 0 || o.RetryThrottle < 0 {
+		errs = append(errs, errors.New("tiered: negative SoftTimeout or RetryThrottle"))
 	}
 	if o.MaxKeyLen > invalidate.MaxKeyLen {
 		errs = append(errs, fmt.Errorf("tiered: MaxKeyLen %d exceeds the wire limit %d", o.MaxKeyLen, invalidate.MaxKeyLen))

@@ -72,14 +72,61 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 				var zero V
 				return zero, ErrNotFound
 			}
+			v := e.val
 			if c.opts.CopyOnRead {
-				v, _, err := c.decodeCopy(e)
-				return v, err
+				var err error
+				if v, _, err = c.decodeCopy(e); err != nil {
+					return v, err
+				}
 			}
-			return e.val, nil
+			if e.fresh != 0 && c.now.Load() >= e.fresh {
+				return c.rememberStale(ctx, key, v, load)
+			}
+			return v, nil
 		}
 	}
 	return c.rememberSlow(ctx, key, load)
+}
+
+// rememberStale serves a stale value (Options.FreshFor) and refreshes it:
+// in the background, once per key, at most every RetryThrottle after a
+// failure. With a SoftTimeout it first waits that long for the refresh.
+// When the refresh fails or is slow the stale value is returned: fail-safe.
+func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, load Loader[V]) (V, error) {
+	c.st.staleServed.Add(1)
+	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
+		return stale, nil
+	}
+	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
+	refresh := func(ctx context.Context) (readResult[V], error) {
+		c.st.refreshes.Add(1)
+		r, err := c.readThrough(ctx, key, snap, load, true)
+		if err != nil {
+			c.st.failSafe.Add(1)
+			c.throttle.Store(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
+		} else {
+			c.throttle.Delete(key)
+		}
+		return r, err
+	}
+	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+	if c.opts.SoftTimeout <= 0 {
+		return stale, nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, c.opts.SoftTimeout)
+	defer cancel()
+	r, err, _ := c.flights.Do(wctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+	switch {
+	case err != nil || r.stale: // slow, or failing: fail-safe
+		return stale, nil
+	case r.negative:
+		var zero V
+		return zero, ErrNotFound
+	case c.opts.CopyOnRead:
+		v, _, err := c.copyValue(r.val)
+		return v, err
+	}
+	return r.val, nil
 }
 
 func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V]) (v V, err error) {
@@ -105,7 +152,7 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		if c.flightStart != nil {
 			c.flightStart(key)
 		}
-		return c.readThrough(ctx, key, snap, load)
+		return c.readThrough(ctx, key, snap, load, false)
 	})
 	var pe *flight.PanicError
 	switch {
@@ -119,6 +166,14 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		return v, err
 	case r.negative:
 		return v, ErrNotFound
+	case r.stale:
+		v := r.val
+		if c.opts.CopyOnRead {
+			if v, _, err = c.copyValue(v); err != nil {
+				return v, err
+			}
+		}
+		return c.rememberStale(ctx, key, v, load)
 	case c.opts.CopyOnRead:
 		v, _, err := c.copyValue(r.val)
 		return v, err
@@ -127,8 +182,9 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 }
 
 // readThrough is one load of key: Redis, then the loader, then a fenced
-// store into Redis and L1.
-func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load Loader[V]) (readResult[V], error) {
+// store into Redis and L1. A stale value found in Redis is returned marked
+// stale, or, when refreshing, loaded over (fenced against its write ID).
+func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load Loader[V], refresh bool) (readResult[V], error) {
 	h := hashKey(key)
 	var expect []byte // the write ID the key held before the load; nil: absent
 	var gen uint64
@@ -170,10 +226,13 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 				if foreign(derr) {
 					noStore = true
 				}
+			case found && refresh && isStale(raw, c.opts.PlainJSON):
+				c.st.l2Hits.Add(1)
+				expect = raw[4:12] // load, and store only over this very value
 			case found:
 				c.st.l2Hits.Add(1)
-				c.fill(key, h, s, val, payload, len(raw), pttl.Val())
-				return readResult[V]{val: val, found: true}, nil
+				c.fill(key, h, s, val, payload, raw, pttl.Val())
+				return readResult[V]{val: val, found: true, stale: isStale(raw, c.opts.PlainJSON)}, nil
 			case raw[3]&byte(wire.FlagNegative) != 0:
 				c.st.l2Hits.Add(1)
 				c.fillNegative(key, h, s, pttl.Val())
@@ -253,7 +312,7 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 		c.fillNegative(key, h, s, ttl)
 		return
 	}
-	c.fill(key, h, s, *v, payload, len(raw), ttl)
+	c.fill(key, h, s, *v, payload, raw, ttl)
 }
 
 // invalidateLocalIfStale voids key locally if an invalidation arrived since
@@ -384,7 +443,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 					toLoad = append(toLoad, k)
 				case found:
 					c.st.l2Hits.Add(1)
-					c.fill(k, h, snaps[k], val, payload, len(raw), ttls[i].Val())
+					c.fill(k, h, snaps[k], val, payload, raw, ttls[i].Val())
 					out[rememberKey(k)] = readResult[V]{val: val, found: true}
 				case raw[3]&byte(wire.FlagNegative) != 0:
 					c.st.l2Hits.Add(1)
@@ -491,7 +550,7 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 			switch {
 			case derr != nil:
 			case found:
-				c.fill(key, h, s, val, payload, len(raw), pttl.Val())
+				c.fill(key, h, s, val, payload, raw, pttl.Val())
 				return readResult[V]{val: val, found: true}, true, nil, nil
 			case raw[3]&byte(wire.FlagNegative) != 0:
 				c.fillNegative(key, h, s, pttl.Val())
@@ -506,4 +565,10 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 			continue
 		}
 	}
+}
+
+// isStale reports whether an encoded value is past its fresh period.
+func isStale(raw []byte, plain bool) bool {
+	fresh, _ := freshness(raw, plain)
+	return fresh != 0 && time.Now().UnixNano() >= fresh
 }

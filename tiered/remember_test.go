@@ -622,3 +622,83 @@ func TestRemember_LeaseTakeover(t *testing.T) {
 		t.Fatalf("the waiting instance got %q, want v2 from its own load", v)
 	}
 }
+
+// TestRemember_StaleWhileRevalidate: past FreshFor, Remember answers at once
+// with the stale value and refreshes it in the background, once; another
+// instance sees the staleness from Redis too.
+func TestRemember_StaleWhileRevalidate(t *testing.T) {
+	f := newFleet[string](t, srv, 2, Options{FreshFor: 150 * time.Millisecond})
+	src := newSource()
+	src.put("k", "v1")
+	ctx := ctxT(t)
+	if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("Remember = %q, %v", v, err)
+	}
+	src.put("k", "v2") // the source moves on without telling the cache
+	time.Sleep(200 * time.Millisecond) // past the fresh period: there is no event for it
+	for i := range 5 {
+		if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || (v != "v1" && v != "v2") {
+			t.Fatalf("stale Remember #%d = %q, %v", i, v, err)
+		}
+	}
+	eventually(t, 5*time.Second, "the background refresh", func() bool {
+		v, _ := f[0].c.Remember(ctx, "k", src.load)
+		return v == "v2"
+	})
+	if n := src.loads.Load(); n != 2 {
+		t.Fatalf("loads = %d, want 2 (one refresh for all the stale reads)", n)
+	}
+	if v, err := f[1].c.Remember(ctx, "k", src.load); err != nil || v != "v2" {
+		t.Fatalf("instance 1 = %q, %v; want the refreshed v2 from Redis", v, err)
+	}
+	if f[0].c.st.staleServed.Load() == 0 {
+		t.Fatal("no stale answer was counted")
+	}
+}
+
+// TestRemember_FailSafe: while the loader fails, the stale value keeps
+// being served without an error, retries are throttled, and a SoftTimeout
+// bounds how long a caller waits for a slow refresh.
+func TestRemember_FailSafe(t *testing.T) {
+	c := newCache[string](t, Options{FreshFor: 100 * time.Millisecond, SoftTimeout: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	ok := func(context.Context, string) (string, error) { return "good", nil }
+	if v, err := c.Remember(ctx, "k", ok); err != nil || v != "good" {
+		t.Fatalf("Remember = %q, %v", v, err)
+	}
+	time.Sleep(150 * time.Millisecond) // past the fresh period
+	var calls atomic.Int32
+	failing := func(context.Context, string) (string, error) { calls.Add(1); return "", errors.New("db down") }
+	for i := range 5 {
+		v, err := c.Remember(ctx, "k", failing)
+		if err != nil || v != "good" {
+			t.Fatalf("Remember #%d with a failing loader = %q, %v; want the stale value", i, v, err)
+		}
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("failing loader called %d times, want 1 (retries throttled)", n)
+	}
+	if c.st.failSafe.Load() != 1 {
+		t.Fatalf("fail-safe activations = %d, want 1", c.st.failSafe.Load())
+	}
+
+	// A slow refresh: the caller gets the stale value after SoftTimeout.
+	c2 := newCache[string](t, Options{FreshFor: 100 * time.Millisecond, SoftTimeout: 50 * time.Millisecond})
+	_, _ = c2.Remember(ctx, "k", ok)
+	time.Sleep(150 * time.Millisecond)
+	release := make(chan struct{})
+	slow := func(context.Context, string) (string, error) { <-release; return "new", nil }
+	start := time.Now()
+	v, err := c2.Remember(ctx, "k", slow)
+	if err != nil || v != "good" || time.Since(start) > 2*time.Second {
+		t.Fatalf("Remember with a slow refresh = %q, %v after %v; want the stale value after ~50ms", v, err, time.Since(start))
+	}
+	close(release)
+	eventually(t, 5*time.Second, "the slow refresh to land", func() bool {
+		v, _, _ := c2.Get(ctx, "k")
+		return v == "new"
+	})
+	if _, err := New[string]("x", c.rdb, c.bus, Options{FreshFor: 2 * time.Hour}); err == nil {
+		t.Fatal("FreshFor beyond TTL accepted")
+	}
+}

@@ -20,6 +20,8 @@ type counters struct {
 	corrupt               atomic.Uint64
 	loads, fencedFills    atomic.Uint64 // loader calls; loaded values Redis refused (written meanwhile)
 	leases, leaseWaits    atomic.Uint64 // leases taken; polls for another instance's load
+	staleServed           atomic.Uint64 // Remember answers past their fresh period
+	refreshes, failSafe   atomic.Uint64 // background refreshes; of those, failed ones (stale kept)
 }
 
 // TierStats counts reads answered by one tier.

@@ -59,9 +59,11 @@ type call[T any] struct {
 }
 
 // run is one execution of fn, for one key (Do) or several (DoMany). It is
-// cancelled when its last waiter, over all its keys, has gone.
+// cancelled when its last waiter, over all its keys, has gone, unless it is
+// pinned (started by Go, which nobody waits for).
 type run struct {
 	waiters int
+	pinned  bool
 	cancel  context.CancelFunc
 	keys    []string
 }
@@ -182,6 +184,30 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 	return
 }
 
+// Go starts fn for key in the background unless a run for key is in
+// flight, and returns at once; it reports whether it started one. The run
+// is pinned: callers that join it with Do and leave do not cancel it; only
+// its timeout and Close do.
+func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn func(context.Context) (T, error)) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	if _, inFlight := g.calls[key]; inFlight {
+		return false
+	}
+	c := &call[T]{key: key, done: make(chan struct{})}
+	g.calls[key] = c
+	g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
+		v, err := fn(ctx)
+		c.val = v
+		return err
+	})
+	c.run.pinned = true
+	return true
+}
+
 // Result is one key's outcome of DoMany.
 type Result[T any] struct {
 	Val    T
@@ -291,7 +317,7 @@ func (g *Group[T]) leave(calls []*call[T]) (finished map[*call[T]]bool) {
 		}
 		c.waiters--
 		c.run.waiters--
-		if c.run.waiters == 0 {
+		if c.run.waiters == 0 && !c.run.pinned {
 			c.run.cancel()
 			for _, k := range c.run.keys {
 				if other := g.calls[k]; other != nil && other.run == c.run {
