@@ -47,6 +47,7 @@ type entry[V any] struct {
 	// expiry), and wid its write ID in Redis: what a refresh must replace.
 	fresh int64
 	wid   uint64
+	eager int64 // when a Remember hit starts a background refresh (EagerRefresh); 0: never
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -116,7 +117,8 @@ type readResult[V any] struct {
 	val      V
 	found    bool
 	negative bool // Remember: the source said the key is absent
-	stale    bool // Remember: past its fresh period; the caller refreshes it
+	stale    bool   // Remember: past its fresh period; the caller refreshes it
+	wid      uint64 // with stale: the write a refresh replaces
 }
 
 // New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').
@@ -447,6 +449,9 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
 		expires: expiry(ttl), cost: int64(len(raw) + len(key) + entryCost)}
 	e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
+	if e.fresh != 0 && c.opts.EagerRefresh > 0 {
+		e.eager = e.fresh - int64((1-c.opts.EagerRefresh)*float64(c.opts.FreshFor))
+	}
 	if c.opts.CopyOnRead {
 		e.raw = payload
 	}

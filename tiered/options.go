@@ -157,6 +157,12 @@ type Options struct {
 	// stale-while-revalidate.
 	SoftTimeout time.Duration
 
+	// EagerRefresh, between 0 and 1, refreshes a value in the background
+	// when a Remember finds it past that fraction of its fresh period (0.8:
+	// after 80% of FreshFor), so busy keys never go stale. It needs
+	// FreshFor. Zero disables it.
+	EagerRefresh float64
+
 	// RetryThrottle is how long after a failed refresh Remember serves the
 	// stale value without calling the loader again. Zero means
 	// DefaultRetryThrottle.
@@ -251,6 +257,9 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	}
 	if o.FreshFor < 0 || (o.FreshFor > 0 && o.FreshFor >= o.TTL) {
 		errs = append(errs, fmt.Errorf("tiered: FreshFor %v must be shorter than TTL %v (the difference is the stale window)", o.FreshFor, o.TTL))
+	}
+	if o.EagerRefresh < 0 || o.EagerRefresh >= 1 || (o.EagerRefresh > 0 && o.FreshFor == 0) {
+		errs = append(errs, fmt.Errorf("tiered: EagerRefresh %v must be in [0, 1) and needs FreshFor", o.EagerRefresh))
 	}
 	if o.SoftTimeout < 0 || o.RetryThrottle < 0 {
 		errs = append(errs, errors.New("tiered: negative SoftTimeout or RetryThrottle"))

@@ -2,6 +2,7 @@ package tiered
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strconv"
@@ -79,8 +80,12 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 					return v, err
 				}
 			}
-			if e.fresh != 0 && c.now.Load() >= e.fresh {
-				return c.rememberStale(ctx, key, v, load)
+			if e.fresh != 0 {
+				if now := c.now.Load(); now >= e.fresh {
+					return c.rememberStale(ctx, key, v, e.wid, load)
+				} else if e.eager != 0 && now >= e.eager {
+					c.refreshAsync(ctx, key, e.wid, load)
+				}
 			}
 			return v, nil
 		}
@@ -88,19 +93,23 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 	return c.rememberSlow(ctx, key, load)
 }
 
-// rememberStale serves a stale value (Options.FreshFor) and refreshes it:
-// in the background, once per key, at most every RetryThrottle after a
-// failure. With a SoftTimeout it first waits that long for the refresh.
-// When the refresh fails or is slow the stale value is returned: fail-safe.
-func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, load Loader[V]) (V, error) {
-	c.st.staleServed.Add(1)
+// refreshAsync starts a background refresh of key unless one is in flight,
+// and returns the refresh function, for a caller that wants to wait for it.
+// A failed refresh keeps the old value (fail-safe) and holds off retries for
+// RetryThrottle. With Options.Lease one instance of the fleet refreshes;
+// the others find the value still in Redis and keep serving it.
+//
+// replace is the write ID of the value being refreshed: the refresh loads
+// only if Redis still holds that write; if another instance has refreshed
+// it already, it takes that value instead.
+func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) func(context.Context) (readResult[V], error) {
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
-		return stale, nil
+		return func(context.Context) (readResult[V], error) { return readResult[V]{stale: true}, errThrottled }
 	}
 	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
 	refresh := func(ctx context.Context) (readResult[V], error) {
 		c.st.refreshes.Add(1)
-		r, err := c.readThrough(ctx, key, snap, load, true)
+		r, err := c.readThrough(ctx, key, snap, load, replace)
 		if err != nil {
 			c.st.failSafe.Add(1)
 			c.throttle.Store(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
@@ -110,6 +119,22 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, load 
 		return r, err
 	}
 	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+	return refresh
+}
+
+// errThrottled is what a waiter for a throttled refresh gets: serve stale.
+var errThrottled = errors.New("tiered: refresh throttled after a failure")
+
+// rememberStale serves a stale value (Options.FreshFor) and refreshes it:
+// in the background, once per key, at most every RetryThrottle after a
+// failure. With a SoftTimeout it first waits that long for the refresh.
+// When the refresh fails or is slow the stale value is returned: fail-safe.
+func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid uint64, load Loader[V]) (V, error) {
+	c.st.staleServed.Add(1)
+	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
+		return stale, nil
+	}
+	refresh := c.refreshAsync(ctx, key, wid, load)
 	if c.opts.SoftTimeout <= 0 {
 		return stale, nil
 	}
@@ -152,7 +177,7 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		if c.flightStart != nil {
 			c.flightStart(key)
 		}
-		return c.readThrough(ctx, key, snap, load, false)
+		return c.readThrough(ctx, key, snap, load, 0)
 	})
 	var pe *flight.PanicError
 	switch {
@@ -173,7 +198,7 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 				return v, err
 			}
 		}
-		return c.rememberStale(ctx, key, v, load)
+		return c.rememberStale(ctx, key, v, r.wid, load)
 	case c.opts.CopyOnRead:
 		v, _, err := c.copyValue(r.val)
 		return v, err
@@ -183,8 +208,10 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 
 // readThrough is one load of key: Redis, then the loader, then a fenced
 // store into Redis and L1. A stale value found in Redis is returned marked
-// stale, or, when refreshing, loaded over (fenced against its write ID).
-func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load Loader[V], refresh bool) (readResult[V], error) {
+// stale. A refresh (replace: the write ID of the value it replaces) loads
+// over that very write, fenced against it, and takes whatever else Redis
+// holds instead (another instance refreshed first).
+func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load Loader[V], replace uint64) (readResult[V], error) {
 	h := hashKey(key)
 	var expect []byte // the write ID the key held before the load; nil: absent
 	var gen uint64
@@ -226,13 +253,15 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 				if foreign(derr) {
 					noStore = true
 				}
-			case found && refresh && isStale(raw, c.opts.PlainJSON):
+			case found && replace != 0 && binary.BigEndian.Uint64(raw[4:12]) == replace:
 				c.st.l2Hits.Add(1)
-				expect = raw[4:12] // load, and store only over this very value
+				expect = raw[4:12] // load, and store only over this very write
 			case found:
 				c.st.l2Hits.Add(1)
 				c.fill(key, h, s, val, payload, raw, pttl.Val())
-				return readResult[V]{val: val, found: true, stale: isStale(raw, c.opts.PlainJSON)}, nil
+				fresh, wid := freshness(raw, c.opts.PlainJSON)
+				stale := fresh != 0 && time.Now().UnixNano() >= fresh
+				return readResult[V]{val: val, found: true, stale: stale && replace == 0, wid: wid}, nil
 			case raw[3]&byte(wire.FlagNegative) != 0:
 				c.st.l2Hits.Add(1)
 				c.fillNegative(key, h, s, pttl.Val())
@@ -565,10 +594,4 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 			continue
 		}
 	}
-}
-
-// isStale reports whether an encoded value is past its fresh period.
-func isStale(raw []byte, plain bool) bool {
-	fresh, _ := freshness(raw, plain)
-	return fresh != 0 && time.Now().UnixNano() >= fresh
 }

@@ -702,3 +702,31 @@ func TestRemember_FailSafe(t *testing.T) {
 		t.Fatal("FreshFor beyond TTL accepted")
 	}
 }
+
+// TestRemember_EagerRefresh: a value read past EagerRefresh of its fresh
+// period is refreshed in the background and never served stale.
+func TestRemember_EagerRefresh(t *testing.T) {
+	c := newCache[string](t, Options{FreshFor: 400 * time.Millisecond, EagerRefresh: 0.5})
+	src := newSource()
+	src.put("k", "v1")
+	ctx := ctxT(t)
+	_, _ = c.Remember(ctx, "k", src.load)
+	src.put("k", "v2")
+	time.Sleep(250 * time.Millisecond) // past the eager point (200ms), before staleness (400ms)
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("Remember past the eager point = %q, %v; want v1, still fresh", v, err)
+	}
+	eventually(t, 5*time.Second, "the eager refresh", func() bool {
+		v, _, _ := c.Get(ctx, "k")
+		return v == "v2"
+	})
+	if n := c.st.staleServed.Load(); n != 0 {
+		t.Fatalf("stale answers = %d, want 0", n)
+	}
+	if n := src.loads.Load(); n != 2 {
+		t.Fatalf("loads = %d, want 2", n)
+	}
+	if _, err := New[string]("x", c.rdb, c.bus, Options{EagerRefresh: 0.5}); err == nil {
+		t.Fatal("EagerRefresh without FreshFor accepted")
+	}
+}

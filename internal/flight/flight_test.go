@@ -876,3 +876,38 @@ func TestDoInline(t *testing.T) {
 		t.Fatalf("DoInline with a short deadline: err = %v after %v; want DeadlineExceeded on time", err, time.Since(start))
 	}
 }
+
+// TestGo: a background run starts once, callers can join it, and a joiner
+// that leaves does not cancel it (it is pinned).
+func TestGo(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+	release := make(chan struct{})
+	var cancelled atomic.Bool
+	fn := func(ctx context.Context) (int, error) {
+		<-release
+		cancelled.Store(ctx.Err() != nil)
+		return 5, nil
+	}
+	if !g.Go(context.Background(), "k", time.Minute, fn) {
+		t.Fatal("Go did not start a run")
+	}
+	if g.Go(context.Background(), "k", time.Minute, fn) {
+		t.Fatal("Go started a second run for a key in flight")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	left := make(chan error)
+	go func() { _, err, _ := g.Do(ctx, "k", time.Minute, fn); left <- err }()
+	waitWaiters(t, g, "k", 1)
+	cancel()
+	if err := <-left; !errors.Is(err, context.Canceled) {
+		t.Fatalf("joiner err = %v", err)
+	}
+	close(release)
+	if v, err, _ := g.Do(context.Background(), "k", time.Minute, fn); err != nil || v != 5 {
+		t.Fatalf("Do after the joiner left = %d, %v", v, err)
+	}
+	if cancelled.Load() {
+		t.Fatal("the pinned run was cancelled when its only joiner left")
+	}
+}
