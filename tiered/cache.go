@@ -116,7 +116,7 @@ type Cache[V any] struct {
 type readResult[V any] struct {
 	val      V
 	found    bool
-	negative bool // Remember: the source said the key is absent
+	negative bool   // Remember: the source said the key is absent
 	stale    bool   // Remember: past its fresh period; the caller refreshes it
 	wid      uint64 // with stale: the write a refresh replaces
 }

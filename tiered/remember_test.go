@@ -634,7 +634,7 @@ func TestRemember_StaleWhileRevalidate(t *testing.T) {
 	if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
 		t.Fatalf("Remember = %q, %v", v, err)
 	}
-	src.put("k", "v2") // the source moves on without telling the cache
+	src.put("k", "v2")                 // the source moves on without telling the cache
 	time.Sleep(200 * time.Millisecond) // past the fresh period: there is no event for it
 	for i := range 5 {
 		if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || (v != "v1" && v != "v2") {
