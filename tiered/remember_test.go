@@ -678,8 +678,8 @@ func TestRemember_FailSafe(t *testing.T) {
 	if n := calls.Load(); n != 1 {
 		t.Fatalf("failing loader called %d times, want 1 (retries throttled)", n)
 	}
-	if c.st.failSafe.Load() != 1 {
-		t.Fatalf("fail-safe activations = %d, want 1", c.st.failSafe.Load())
+	if st := c.Stats(); st.FailSafe != 1 || st.StaleServed != 5 || st.Loads != 2 {
+		t.Fatalf("Stats: FailSafe %d, StaleServed %d, Loads %d; want 1, 5, 2", st.FailSafe, st.StaleServed, st.Loads)
 	}
 
 	// A slow refresh: the caller gets the stale value after SoftTimeout.

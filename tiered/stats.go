@@ -69,6 +69,18 @@ type Stats struct {
 	Errors  uint64        `json:"errors"`
 	Corrupt uint64        `json:"corrupt"`
 	Uptime  time.Duration `json:"uptime"`
+	// Remember's figures: loader calls; loaded values Redis refused
+	// because the key was written meanwhile; stale values served
+	// (FreshFor); background refreshes, and those that failed so the stale
+	// value was kept (fail-safe); fleet leases taken, and polls while
+	// another instance held one.
+	Loads       uint64 `json:"loads"`
+	FencedFills uint64 `json:"fencedFills"`
+	StaleServed uint64 `json:"staleServed"`
+	Refreshes   uint64 `json:"refreshes"`
+	FailSafe    uint64 `json:"failSafe"`
+	Leases      uint64 `json:"leases"`
+	LeaseWaits  uint64 `json:"leaseWaits"`
 }
 
 // Stats returns the cache's figures. It is cheap enough to call per scrape,
@@ -80,6 +92,14 @@ func (c *Cache[V]) Stats() Stats {
 		Errors:  c.st.errors.Load(),
 		Corrupt: c.st.corrupt.Load(),
 		Uptime:  time.Since(c.start),
+
+		Loads:       c.st.loads.Load(),
+		FencedFills: c.st.fencedFills.Load(),
+		StaleServed: c.st.staleServed.Load(),
+		Refreshes:   c.st.refreshes.Load(),
+		FailSafe:    c.st.failSafe.Load(),
+		Leases:      c.st.leases.Load(),
+		LeaseWaits:  c.st.leaseWaits.Load(),
 	}
 	if c.l1 != nil {
 		s.L1 = tier(c.hits.load(), c.st.l1Misses.Load())
