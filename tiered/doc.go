@@ -40,6 +40,20 @@
 // anything but this package (or a peer speaking docs/wire.md); in
 // plain-JSON mode a Node.js writer must publish invalidations itself.
 //
+// # Read-through
+//
+// Remember and RememberMany turn the cache into a read-through: L1, then
+// Redis, then the loader, once per key per process (once per fleet with
+// Options.Lease). The load runs detached from its callers, bounded by
+// Options.LoadTimeout; each caller leaves when its own ctx says so, and the
+// load is cancelled only when all of them have. Its store into Redis is a
+// compare-and-set against the write it replaces, so a load that read the
+// source before a write never overwrites that write; writers update the
+// source first, then call Set or Delete. ErrNotFound from a loader is
+// remembered as a negative entry. With Options.FreshFor, values past their
+// fresh period are served while refreshed in the background, and kept while
+// the loader fails (fail-safe).
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. An L1 hit takes no lock of ours
