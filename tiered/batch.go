@@ -22,10 +22,8 @@ const batchLimit = 1000
 // the map. L1 hits are served first; the rest are read from Redis in one
 // pipelined round trip. On error the map holds what was found before it.
 func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, error) {
-	for _, k := range keys {
-		if err := c.checkKey(k); err != nil {
-			return nil, err
-		}
+	if err := c.checkKeys(keys); err != nil {
+		return nil, err
 	}
 	leave, err := c.enter()
 	if err != nil {
@@ -189,10 +187,8 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 
 // DeleteMany deletes keys like Delete, in batches like SetMany.
 func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
-	for _, k := range keys {
-		if err := c.checkKey(k); err != nil {
-			return err
-		}
+	if err := c.checkKeys(keys); err != nil {
+		return err
 	}
 	leave, err := c.enter()
 	if err != nil {

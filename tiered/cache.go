@@ -560,6 +560,17 @@ func (c *Cache[V]) invalidateAll() {
 	c.flights.ForgetAll(func() { c.nsEpoch.Add(1) })
 }
 
+// checkKeys is checkKey for a batch: one bad key fails it all, before
+// anything is read or written.
+func (c *Cache[V]) checkKeys(keys []string) error {
+	for _, k := range keys {
+		if err := c.checkKey(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (c *Cache[V]) checkKey(key string) error {
 	switch {
 	case key == "":

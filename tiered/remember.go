@@ -389,10 +389,8 @@ type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, 
 // keys this call loads. Absent keys are left out of the result. On error
 // the map holds what was found before it.
 func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (map[string]V, error) {
-	for _, k := range keys {
-		if err := c.checkKey(k); err != nil {
-			return nil, err
-		}
+	if err := c.checkKeys(keys); err != nil {
+		return nil, err
 	}
 	if load == nil {
 		return nil, errors.New("tiered: nil BatchLoader")

@@ -397,29 +397,11 @@ func TestRemember_Stampede(t *testing.T) {
 	f := newFleet[string](t, srv, 4, Options{})
 	src := newSource()
 	src.put("hot", "v")
-	load := func(ctx context.Context, k string) (string, error) {
-		time.Sleep(50 * time.Millisecond) // a slow query keeps the load in flight
-		return src.load(ctx, k)
-	}
-	var wg sync.WaitGroup
-	start := make(chan struct{})
-	var bad atomic.Int32
-	for i := range 4 * 250 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			if v, err := f[i%4].c.Remember(context.Background(), "hot", load); err != nil || v != "v" {
-				bad.Add(1)
-			}
-		}()
-	}
-	close(start)
-	wg.Wait()
+	bad := stampede(f, src)
 	n := src.loads.Load()
 	t.Logf("loader calls for 4 instances × 250 goroutines: %d", n)
-	if bad.Load() != 0 || n < 1 || n > 4 {
-		t.Fatalf("loader calls = %d, bad results = %d; want 1..4 and 0", n, bad.Load())
+	if bad != 0 || n < 1 || n > 4 {
+		t.Fatalf("loader calls = %d, bad results = %d; want 1..4 and 0", n, bad)
 	}
 }
 
@@ -548,33 +530,15 @@ func TestRemember_StampedeWithLease(t *testing.T) {
 	f := newFleet[string](t, srv, 4, Options{Lease: true})
 	src := newSource()
 	src.put("hot", "v")
-	load := func(ctx context.Context, k string) (string, error) {
-		time.Sleep(50 * time.Millisecond) // a slow query keeps the lease held
-		return src.load(ctx, k)
-	}
-	var wg sync.WaitGroup
-	start := make(chan struct{})
-	var bad atomic.Int32
-	for i := range 4 * 250 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			if v, err := f[i%4].c.Remember(context.Background(), "hot", load); err != nil || v != "v" {
-				bad.Add(1)
-			}
-		}()
-	}
-	close(start)
-	wg.Wait()
+	bad := stampede(f, src)
 	var leases, waits uint64
 	for _, in := range f {
 		leases += in.c.st.leases.Load()
 		waits += in.c.st.leaseWaits.Load()
 	}
 	t.Logf("loader calls: %d, leases taken: %d, polls by waiting instances: %d", src.loads.Load(), leases, waits)
-	if n := src.loads.Load(); n != 1 || bad.Load() != 0 {
-		t.Fatalf("loader calls = %d, bad results = %d; want 1 and 0", n, bad.Load())
+	if n := src.loads.Load(); n != 1 || bad != 0 {
+		t.Fatalf("loader calls = %d, bad results = %d; want 1 and 0", n, bad)
 	}
 }
 
@@ -729,4 +693,30 @@ func TestRemember_EagerRefresh(t *testing.T) {
 	if _, err := New[string]("x", c.rdb, c.bus, Options{EagerRefresh: 0.5}); err == nil {
 		t.Fatal("EagerRefresh without FreshFor accepted")
 	}
+}
+
+// stampede releases 250 goroutines per instance at once on the cold key
+// "hot", whose load is slow enough to stay in flight, and returns how many
+// got anything but src's value.
+func stampede(f []*instance[string], src *source) int32 {
+	load := func(ctx context.Context, k string) (string, error) {
+		time.Sleep(50 * time.Millisecond) // a slow query keeps the load (and any lease) in flight
+		return src.load(ctx, k)
+	}
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	var bad atomic.Int32
+	for i := range len(f) * 250 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			if v, err := f[i%len(f)].c.Remember(context.Background(), "hot", load); err != nil || v != "v" {
+				bad.Add(1)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return bad.Load()
 }
