@@ -43,6 +43,21 @@ type Options struct {
 	// HeartbeatInterval.
 	HeartbeatTimeout time.Duration
 
+	// Secret, when set, authenticates invalidation messages: every message
+	// the Bus produces carries an HMAC-SHA256 tag under it, and the Bus
+	// drops every message without a valid tag (counted in Stats.Rejected)
+	// without applying it or voiding any L1 entry, so that a client allowed
+	// to PUBLISH on the channel cannot invalidate or flush the caches.
+	// Every instance on the channel must use the same Secret; enabling or
+	// changing it on a running fleet drops the invalidations exchanged
+	// between instances that disagree, until they all agree (docs/wire.md,
+	// section 4.1, says what a tag does and does not protect). It must be
+	// at least 16 bytes (32 random bytes is a good choice). Nil means
+	// messages carry no tag and tags are not checked: such a Bus accepts
+	// tagged and untagged messages alike. The Bus keeps its own copy and
+	// never logs it.
+	Secret []byte
+
 	// Logger receives state changes (stream lost and regained). Nil means
 	// silent. Nothing is logged per message.
 	Logger *slog.Logger
@@ -76,12 +91,18 @@ type Handler interface {
 	// The slice must not be retained.
 	Invalidate(keys []string)
 	// Flush is called for a received namespace flush; gen is the
-	// namespace's new generation (see docs/wire.md).
+	// namespace's new generation (see docs/wire.md). A Bus with a Secret
+	// never calls it: see Resync.
 	Flush(gen uint64)
 	// Resync is called after every (re)subscription, before the Bus reports
 	// itself live again, so the handler can re-read state it may have missed
 	// (a namespace generation). An error keeps the Bus dead and the
 	// subscription is retried. ctx is bounded by HeartbeatTimeout.
+	//
+	// A Bus with a Secret also calls it, while live, in place of Flush for
+	// an authenticated flush, whose generation the tag does not cover; the
+	// Bus then voids every L1 entry (a new epoch). An error then ends the
+	// subscription, as a gap in the stream would.
 	Resync(ctx context.Context) error
 }
 
@@ -106,6 +127,7 @@ type Bus struct {
 	opts    Options
 	channel string
 	origin  [16]byte
+	auth    *auth // nil without Options.Secret
 
 	// epoch is even while the stream is live and odd while it is dead; it
 	// changes on every transition, so an entry filled under epoch e is valid
@@ -114,7 +136,7 @@ type Bus struct {
 	lastHeard atomic.Int64 // unix ns
 	seq       atomic.Uint64
 
-	received, applied, own, ignored, malformed, reconnects atomic.Uint64
+	received, applied, own, ignored, malformed, rejected, reconnects atomic.Uint64
 
 	mu       sync.RWMutex
 	handlers map[string]*registration
@@ -151,6 +173,10 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
+	if b.auth, err = newAuth(opts.Secret); err != nil {
+		return nil, err
+	}
+	b.opts.Secret = nil // only auth keeps it
 	if _, err := crand.Read(b.origin[:]); err != nil {
 		return nil, fmt.Errorf("invalidate: instance id: %w", err)
 	}
@@ -256,7 +282,7 @@ func isNil(v any) bool {
 // caller publishes it, usually in the transaction that mutates L2.
 func (b *Bus) KeysMessage(ns string, keys []string) ([]byte, error) {
 	m := Message{Origin: b.origin, Seq: b.seq.Add(1), Time: time.Now().UnixNano(), Namespace: ns, Kind: KindKeys, Keys: keys}
-	return m.MarshalBinary()
+	return b.auth.marshal(&m)
 }
 
 // FlushMessagePrefix encodes a namespace flush without its trailing
@@ -264,7 +290,7 @@ func (b *Bus) KeysMessage(ns string, keys []string) ([]byte, error) {
 // (see docs/wire.md), so the flush and its generation are one atomic step.
 func (b *Bus) FlushMessagePrefix(ns string) ([]byte, error) {
 	m := Message{Origin: b.origin, Seq: b.seq.Add(1), Time: time.Now().UnixNano(), Namespace: ns, Kind: KindFlush, Gen: 0}
-	p, err := m.MarshalBinary()
+	p, err := b.auth.marshal(&m)
 	if err != nil {
 		return nil, err
 	}
@@ -291,13 +317,14 @@ type Stats struct {
 	Own        uint64 // this Bus's own messages, skipped (see dispatch)
 	Ignored    uint64 // messages for namespaces with no handler here
 	Malformed  uint64 // messages that failed to decode
+	Rejected   uint64 // messages dropped for want of a valid tag (Options.Secret)
 }
 
 // Stats returns the Bus's counters.
 func (b *Bus) Stats() Stats {
 	return Stats{
 		Live: b.Live(), LastHeard: b.LastHeard(), Reconnects: b.reconnects.Load(),
-		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(),
+		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(),
 	}
 }
 
@@ -466,7 +493,9 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 			b.setLive(true)
 			wasLive = true
 		case *redis.Message:
-			b.dispatch(m.Payload)
+			if err := b.dispatch(ctx, m.Payload); err != nil {
+				return wasLive, err
+			}
 		case *redis.Pong:
 		}
 	}
@@ -489,48 +518,75 @@ func (b *Bus) resync(ctx context.Context) error {
 	return nil
 }
 
-func (b *Bus) dispatch(payload string) {
+// dispatch applies one received message. An error ends the subscription.
+func (b *Bus) dispatch(ctx context.Context, payload string) error {
 	b.received.Add(1)
 	if isOwn(payload, &b.origin) {
 		b.own.Add(1) // see below; checked before decoding, as every write echoes here
-		return
+		return nil
 	}
+	data := []byte(payload)
 	var m Message
-	if err := m.UnmarshalBinary([]byte(payload)); err != nil {
+	if err := m.UnmarshalBinary(data); err != nil {
+		b.malformed.Add(1)
+		if b.auth != nil {
+			// With a Secret, what cannot be authenticated is dropped:
+			// voiding L1 for it would let anyone who may PUBLISH force
+			// resets, which is what the Secret is for.
+			return nil
+		}
 		// It may have been an invalidation we cannot read (a newer
 		// version, say): assume the worst and void every L1 entry, as for
 		// a gap in the stream, without leaving the live state.
-		b.malformed.Add(1)
 		b.epoch.Add(2)
-		return
+		return nil
 	}
 	if m.Origin == b.origin {
 		// Our own write: the writer invalidated its L1 locally after the
 		// write returned, which covers every fill that could have raced
 		// with it. Applying the echo would only evict the next fresh entry.
 		b.own.Add(1)
-		return
+		return nil
+	}
+	if b.auth != nil && !b.auth.verify(data, &m) {
+		b.rejected.Add(1)
+		return nil
 	}
 	b.mu.RLock()
 	r := b.handlers[m.Namespace]
 	b.mu.RUnlock()
 	if r == nil {
 		b.ignored.Add(1)
-		return
+		return nil
 	}
 	h := r.h
-	switch m.Kind {
-	case KindKeys:
+	switch {
+	case m.Kind == KindKeys:
 		h.Invalidate(m.Keys)
-	case KindFlush:
+	case b.auth == nil:
 		h.Flush(m.Gen)
+	default:
+		// The tag cannot cover a flush's generation: a script appends it
+		// after signing. Anyone who saw this flush could have republished
+		// it with another one, so it is not used: the handler re-reads the
+		// generation from Redis, and a new epoch voids every L1 entry
+		// filled before (a flush is rare; see docs/wire.md, 4.1).
+		rctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
+		err := h.Resync(rctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("resync after an authenticated flush: %w", err)
+		}
+		b.epoch.Add(2)
 	}
 	b.applied.Add(1)
+	return nil
 }
 
-// isOwn reports whether an encoded message (version 1: magic, version,
-// kind, flags, then the 16-byte origin) comes from origin, without decoding
-// it.
+// isOwn reports whether an encoded message (versions 1 and 2: magic,
+// version, kind, flags, then the 16-byte origin) comes from origin, without
+// decoding it.
 func isOwn(payload string, origin *[16]byte) bool {
-	return len(payload) >= 20 && payload[0] == msgMagic && payload[1] == msgVersion && payload[4:20] == string(origin[:])
+	return len(payload) >= 20 && payload[0] == msgMagic && (payload[1] == msgVersion || payload[1] == msgVersionTagged) &&
+		payload[4:20] == string(origin[:])
 }

@@ -18,6 +18,17 @@
 // own messages, because its writer has already invalidated locally after
 // the write returned.
 //
+// # Authentication
+//
+// With Options.Secret, every message carries an HMAC-SHA256 tag, and the
+// Bus drops, without voiding anything, every message whose tag is missing
+// or wrong, so that a client that may PUBLISH on the channel cannot
+// invalidate or flush the caches. The tag covers every field but a flush's
+// generation (a Redis script appends it), so an authenticated flush makes
+// the handler re-read the generation from Redis instead of trusting it.
+// Tags do not stop a subscriber from replaying messages it has seen; see
+// docs/wire.md, section 4.1.
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. Handlers are called from the

@@ -1,6 +1,9 @@
 package invalidate
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding"
 	"encoding/binary"
 	"errors"
@@ -42,10 +45,18 @@ const (
 	msgMaxNamespaceLen = 255
 )
 
+// TagSize is the length in bytes of a message's authentication tag: an
+// HMAC-SHA256 truncated to its first 16 bytes (see Message.Sign).
+const TagSize = 16
+
 // Header constants of the binary message format (see docs/wire.md).
 const (
 	msgMagic   = 'T'
 	msgVersion = 1
+	// msgVersionTagged is version 1 with an authentication tag: flags bit 0
+	// set, and the tag after the last authenticated field.
+	msgVersionTagged = 2
+	msgFlagTag       = 0x01
 	// magic, version, kind, flags, origin, time
 	msgFixedSize = 4 + 16 + 8
 )
@@ -64,9 +75,11 @@ var ErrMalformed = errors.New("invalidate: malformed message")
 //   - for KindKeys: 1..MaxKeys Keys, each 1..MaxKeyLen bytes (any bytes), and
 //     Gen 0;
 //   - for KindFlush: no Keys;
+//   - a Tag of 0 or TagSize bytes;
 //   - an encoding of at most MaxMessageSize bytes.
 //
-// Origin, Seq and Time may hold any value.
+// Origin, Seq and Time may hold any value. A Message with a Tag encodes as
+// format version 2, one without as version 1.
 type Message struct {
 	Origin    [16]byte // instance ID of the publisher
 	Seq       uint64   // per-origin sequence number
@@ -79,6 +92,10 @@ type Message struct {
 	// not pin the others.
 	Keys []string
 	Gen  uint64 // the namespace's new generation (KindFlush)
+	// Tag authenticates every field but Gen under a shared secret (see
+	// Sign and Verify); empty for an unauthenticated message. A decoded Tag
+	// never aliases the input.
+	Tag []byte
 }
 
 var (
@@ -110,6 +127,13 @@ func (m *Message) encodedSize() (int, error) {
 		return 0, msgMalformed("namespace is not valid UTF-8")
 	}
 	size := msgFixedSize + msgUvarintLen(m.Seq) + msgUvarintLen(uint64(len(m.Namespace))) + len(m.Namespace)
+	switch len(m.Tag) {
+	case 0:
+	case TagSize:
+		size += TagSize
+	default:
+		return 0, msgMalformed("tag has length %d, want %d", len(m.Tag), TagSize)
+	}
 	switch m.Kind {
 	case KindKeys:
 		if m.Gen != 0 {
@@ -155,7 +179,11 @@ func (m *Message) AppendBinary(b []byte) ([]byte, error) {
 		copy(nb, b)
 		b = nb
 	}
-	b = append(b, msgMagic, msgVersion, byte(m.Kind), 0)
+	if len(m.Tag) == 0 {
+		b = append(b, msgMagic, msgVersion, byte(m.Kind), 0)
+	} else {
+		b = append(b, msgMagic, msgVersionTagged, byte(m.Kind), msgFlagTag)
+	}
 	b = append(b, m.Origin[:]...)
 	b = binary.AppendUvarint(b, m.Seq)
 	b = binary.BigEndian.AppendUint64(b, uint64(m.Time))
@@ -167,10 +195,65 @@ func (m *Message) AppendBinary(b []byte) ([]byte, error) {
 			b = binary.AppendUvarint(b, uint64(len(k)))
 			b = append(b, k...)
 		}
+		b = append(b, m.Tag...)
 	} else {
+		b = append(b, m.Tag...)
 		b = binary.AppendUvarint(b, m.Gen)
 	}
 	return b, nil
+}
+
+// tagOffset is where the tag starts in the n-byte encoding of a tagged
+// message of kind k and generation gen: the tag follows everything it
+// authenticates, which is everything but a flush's trailing generation.
+func tagOffset(k Kind, gen uint64, n int) int {
+	if k == KindFlush {
+		return n - TagSize - msgUvarintLen(gen)
+	}
+	return n - TagSize
+}
+
+// computeTag writes to tag the HMAC-SHA256 under secret of the
+// authenticated part of the tagged encoding enc of a message of kind k and
+// generation gen, truncated to TagSize bytes.
+func computeTag(tag, secret, enc []byte, k Kind, gen uint64) {
+	h := hmac.New(sha256.New, secret)
+	h.Write(enc[:tagOffset(k, gen, len(enc))])
+	var sum [sha256.Size]byte
+	copy(tag, h.Sum(sum[:0]))
+}
+
+// Sign sets m.Tag to m's authentication tag under secret: the first
+// TagSize bytes of HMAC-SHA256(secret, E), where E is m's version 2
+// encoding up to the tag, which covers every field but Gen (see
+// docs/wire.md for why Gen is left out). It fails, leaving m unchanged, if m
+// is not valid.
+func (m *Message) Sign(secret []byte) error {
+	s := *m
+	s.Tag = make([]byte, TagSize)
+	enc, err := s.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	computeTag(s.Tag, secret, enc, s.Kind, s.Gen)
+	m.Tag = s.Tag
+	return nil
+}
+
+// Verify reports whether m carries a valid authentication tag under secret
+// (see Sign). It returns false for a message without a Tag or one that is
+// not valid.
+func (m *Message) Verify(secret []byte) bool {
+	if len(m.Tag) != TagSize {
+		return false
+	}
+	enc, err := m.MarshalBinary()
+	if err != nil {
+		return false
+	}
+	var want [TagSize]byte
+	computeTag(want[:], secret, enc, m.Kind, m.Gen)
+	return hmac.Equal(want[:], m.Tag)
 }
 
 // MarshalBinary implements encoding.BinaryMarshaler; see AppendBinary.
@@ -236,7 +319,7 @@ func (m *Message) UnmarshalBinary(data []byte) error {
 	if hdr[0] != msgMagic {
 		return msgMalformed("bad magic byte 0x%02x", hdr[0])
 	}
-	if hdr[1] != msgVersion {
+	if hdr[1] != msgVersion && hdr[1] != msgVersionTagged {
 		return msgMalformed("unsupported version %d", hdr[1])
 	}
 	var d Message
@@ -244,8 +327,22 @@ func (m *Message) UnmarshalBinary(data []byte) error {
 	if d.Kind != KindKeys && d.Kind != KindFlush {
 		return msgMalformed("unknown kind %d", hdr[2])
 	}
-	if hdr[3] != 0 {
+	tagged := hdr[1] == msgVersionTagged
+	switch {
+	case !tagged && hdr[3] != 0:
 		return msgMalformed("reserved flags 0x%02x set", hdr[3])
+	case tagged && hdr[3] != msgFlagTag:
+		return msgMalformed("version 2 with flags 0x%02x, want 0x%02x", hdr[3], msgFlagTag)
+	}
+	var tag []byte
+	if tagged && d.Kind == KindKeys {
+		// The tag ends a keys message: parse the rest without it.
+		if len(data)-r.off < TagSize {
+			return msgMalformed("truncated tag at offset %d", r.off)
+		}
+		tag = data[len(data)-TagSize:]
+		data = data[:len(data)-TagSize]
+		r.b = data
 	}
 	origin, err := r.bytes(16, "origin")
 	if err != nil {
@@ -310,12 +407,20 @@ func (m *Message) UnmarshalBinary(data []byte) error {
 			d.Keys[i] = region[r.off-int(kLen)-keysStart : r.off-keysStart]
 		}
 	case KindFlush:
+		if tagged {
+			if tag, err = r.bytes(TagSize, "tag"); err != nil {
+				return err
+			}
+		}
 		if d.Gen, err = r.uvarint("gen"); err != nil {
 			return err
 		}
 	}
 	if r.off != len(data) {
 		return msgMalformed("%d trailing bytes", len(data)-r.off)
+	}
+	if tag != nil {
+		d.Tag = bytes.Clone(tag)
 	}
 	d.Namespace = string(ns)
 	*m = d

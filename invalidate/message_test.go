@@ -27,6 +27,9 @@ const messageVectorsPath = "testdata/vectors.json"
 
 var msgTestOrigin = [16]byte{0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f}
 
+// msgTestSecret is the secret of the tagged test vectors (32 ASCII bytes).
+var msgTestSecret = []byte("tiercache test vector secret 32B")
+
 // msgBuild assembles raw message bytes by hand, independently of the
 // encoder: []byte and string parts are copied, msgUv parts become uvarints,
 // msgBE parts 8-byte big-endian integers, ints and runes single bytes.
@@ -229,7 +232,14 @@ func msgInvalidCases() []struct {
 		{"empty", nil},
 		{"wrong magic", withHeader('t', 1, 1, 0)},
 		{"version 0", withHeader('T', 0, 1, 0)},
-		{"version 2", withHeader('T', 2, 1, 0)},
+		{"version 2 without the tag flag", withHeader('T', 2, 1, 0)},
+		{"version 3", withHeader('T', 3, 1, 0)},
+		{"version 2, flags 0x03", msgBuild('T', 2, 1, 3, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", msgUv(1), msgUv(1), "k", bytes.Repeat([]byte{0xaa}, TagSize))},
+		{"version 2 keys: tag truncated", msgBuild('T', 2, 1, 1, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", msgUv(1), msgUv(1), "k", bytes.Repeat([]byte{0xaa}, TagSize-1))},
+		{"version 2 keys: no tag", msgBuild('T', 2, 1, 1, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", msgUv(1), msgUv(1), "k")},
+		{"version 2 flush: tag truncated", msgBuild('T', 2, 2, 1, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", bytes.Repeat([]byte{0xaa}, TagSize-1))},
+		{"version 2 flush: missing gen", msgBuild('T', 2, 2, 1, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", bytes.Repeat([]byte{0xaa}, TagSize))},
+		{"version 2 flush: trailing byte", msgBuild('T', 2, 2, 1, msgTestOrigin[:], msgUv(1), msgBE(1), msgUv(2), "ns", bytes.Repeat([]byte{0xaa}, TagSize), msgUv(7), 0)},
 		{"kind 0", withHeader('T', 1, 0, 0)},
 		{"kind 3", withHeader('T', 1, 3, 0)},
 		{"flags 0x01", withHeader('T', 1, 1, 1)},
@@ -351,6 +361,9 @@ type messageValidVector struct {
 	Kind      Kind     `json:"kind"`
 	Keys      []string `json:"keys"`
 	Gen       uint64   `json:"gen,string"`
+	// Tagged vectors only: the tag, and the secret it verifies under.
+	Tag    string `json:"tag_hex,omitempty"`
+	Secret string `json:"secret_hex,omitempty"`
 }
 
 type messageInvalidVector struct {
@@ -363,16 +376,27 @@ func messageVectors() messageVectorFile {
 	valid := []struct {
 		name string
 		m    Message
+		sign bool // sign with msgTestSecret
 	}{
-		{"keys: one key", Message{Origin: msgTestOrigin, Seq: 1, Time: ts, Namespace: "users", Kind: KindKeys, Keys: []string{"42"}}},
-		{"keys: three keys, two-byte seq", Message{Origin: msgTestOrigin, Seq: 300, Time: ts, Namespace: "orders", Kind: KindKeys, Keys: []string{"a", "b:c", "{ü}"}}},
-		{"flush", Message{Origin: msgTestOrigin, Seq: 2, Time: ts, Namespace: "users", Kind: KindFlush, Gen: 7}},
-		{"flush: UTF-8 namespace, max seq and gen, negative time", Message{Origin: [16]byte{0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa, 0x99, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00}, Seq: ^uint64(0), Time: -1, Namespace: "café", Kind: KindFlush, Gen: ^uint64(0)}},
+		{"keys: one key", Message{Origin: msgTestOrigin, Seq: 1, Time: ts, Namespace: "users", Kind: KindKeys, Keys: []string{"42"}}, false},
+		{"keys: three keys, two-byte seq", Message{Origin: msgTestOrigin, Seq: 300, Time: ts, Namespace: "orders", Kind: KindKeys, Keys: []string{"a", "b:c", "{ü}"}}, false},
+		{"flush", Message{Origin: msgTestOrigin, Seq: 2, Time: ts, Namespace: "users", Kind: KindFlush, Gen: 7}, false},
+		{"flush: UTF-8 namespace, max seq and gen, negative time", Message{Origin: [16]byte{0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa, 0x99, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00}, Seq: ^uint64(0), Time: -1, Namespace: "café", Kind: KindFlush, Gen: ^uint64(0)}, false},
+		{"tagged keys: one key", Message{Origin: msgTestOrigin, Seq: 1, Time: ts, Namespace: "users", Kind: KindKeys, Keys: []string{"42"}}, true},
+		{"tagged flush", Message{Origin: msgTestOrigin, Seq: 2, Time: ts, Namespace: "users", Kind: KindFlush, Gen: 7}, true},
+		{"tagged flush: same tag, gen 300", Message{Origin: msgTestOrigin, Seq: 2, Time: ts, Namespace: "users", Kind: KindFlush, Gen: 300}, true},
 	}
 	f := messageVectorFile{Comment: "tiercache invalidation message test vectors, see docs/wire.md. " +
 		"valid: decoding hex gives the fields and encoding the fields gives hex. invalid: a reader must reject hex. " +
 		"64-bit integers are decimal strings; keys and namespace are UTF-8 strings here, bytes on the wire."}
 	for _, v := range valid {
+		var tag, secret string
+		if v.sign {
+			if err := v.m.Sign(msgTestSecret); err != nil {
+				panic(err)
+			}
+			tag, secret = hex.EncodeToString(v.m.Tag), hex.EncodeToString(msgTestSecret)
+		}
 		b, err := v.m.MarshalBinary()
 		if err != nil {
 			panic(err)
@@ -383,7 +407,7 @@ func messageVectors() messageVectorFile {
 		}
 		f.Valid = append(f.Valid, messageValidVector{
 			Name: v.name, Hex: hex.EncodeToString(b), Origin: hex.EncodeToString(v.m.Origin[:]), Seq: v.m.Seq, Time: v.m.Time,
-			Namespace: v.m.Namespace, Kind: v.m.Kind, Keys: keys, Gen: v.m.Gen,
+			Namespace: v.m.Namespace, Kind: v.m.Kind, Keys: keys, Gen: v.m.Gen, Tag: tag, Secret: secret,
 		})
 	}
 	for _, c := range msgInvalidCases() {
@@ -439,6 +463,11 @@ func TestMessageVectors(t *testing.T) {
 				t.Fatalf("bad origin_hex %q", v.Origin)
 			}
 			copy(wantM.Origin[:], o)
+			if v.Tag != "" {
+				if wantM.Tag, err = hex.DecodeString(v.Tag); err != nil {
+					t.Fatalf("bad tag_hex %q", v.Tag)
+				}
+			}
 			var got Message
 			if err := got.UnmarshalBinary(b); err != nil {
 				t.Fatal(err)
@@ -452,6 +481,31 @@ func TestMessageVectors(t *testing.T) {
 			}
 			if !bytes.Equal(enc, b) {
 				t.Fatalf("encoded %x\nwant    %s", enc, v.Hex)
+			}
+			if v.Tag == "" {
+				return
+			}
+			secret, err := hex.DecodeString(v.Secret)
+			if err != nil || len(secret) == 0 {
+				t.Fatalf("bad secret_hex %q", v.Secret)
+			}
+			if !got.Verify(secret) {
+				t.Errorf("Verify(secret_hex) = false, want true")
+			}
+			if got.Verify([]byte("another secret, also 32 bytes...")) {
+				t.Errorf("Verify(another secret) = true, want false")
+			}
+			a, err := newAuth(secret)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !a.verify(b, &got) {
+				t.Errorf("the Bus's verify rejects the vector")
+			}
+			signed := wantM
+			signed.Tag = nil
+			if p, err := a.marshal(&signed); err != nil || !bytes.Equal(p, b) {
+				t.Errorf("the Bus's marshal = %x, %v, want %x", p, err, b)
 			}
 		})
 	}
