@@ -3,6 +3,7 @@ GO        ?= go
 PKGS      ?= ./...
 BENCHTIME ?= 200ms
 COUNT     ?= 6
+SOAK_PHASE ?= 30s
 
 .DEFAULT_GOAL := help
 
@@ -17,6 +18,11 @@ test: ## run every test with -race against private redis-server processes (what 
 	$(GO) test -race -count=1 -timeout 10m $(PKGS)
 	@# Allocation counts mean nothing under -race, where those tests skip: run them without it.
 	$(GO) test -count=1 -run 'Allocs' ./tiered/
+
+.PHONY: soak
+soak: ## the coherence checker's long run: every fault phase for SOAK_PHASE (30s) each, more instances and readers
+	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server)"; exit 1; }
+	TIERCACHE_SOAK=1 TIERCACHE_SOAK_PHASE=$(SOAK_PHASE) $(GO) test -count=1 -timeout 60m -run '^TestSoak$$' -v ./integration/
 
 .PHONY: bench
 bench: ## run the benchmarks beside their bare-dependency baselines; compare with benchstat
