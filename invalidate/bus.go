@@ -61,6 +61,21 @@ type Options struct {
 	// Logger receives state changes (stream lost and regained). Nil means
 	// silent. Nothing is logged per message.
 	Logger *slog.Logger
+
+	// BreakerThreshold is how many Redis calls in a row may fail (see
+	// [Unavailable]) before the circuit opens. Zero means
+	// DefaultBreakerThreshold; negative disables the breaker.
+	BreakerThreshold int
+
+	// BreakerCooldown is how long the circuit stays open before the Bus
+	// probes Redis again in the background. Zero means
+	// DefaultBreakerCooldown.
+	BreakerCooldown time.Duration
+
+	// OutboxLimit bounds the keys kept in the outbox (see [Bus.Defer]);
+	// beyond it a namespace degrades to a flush. Zero means
+	// DefaultOutboxLimit.
+	OutboxLimit int
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -72,6 +87,15 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.HeartbeatTimeout == 0 {
 		o.HeartbeatTimeout = DefaultHeartbeatTimeout
+	}
+	if o.BreakerThreshold == 0 {
+		o.BreakerThreshold = DefaultBreakerThreshold
+	}
+	if o.BreakerCooldown <= 0 {
+		o.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if o.OutboxLimit <= 0 {
+		o.OutboxLimit = DefaultOutboxLimit
 	}
 	switch {
 	case o.HeartbeatInterval < 0 || o.HeartbeatTimeout < 0:
@@ -129,10 +153,32 @@ type Bus struct {
 	origin  [16]byte
 	auth    *auth // nil without Options.Secret
 
-	// epoch is even while the stream is live and odd while it is dead; it
-	// changes on every transition, so an entry filled under epoch e is valid
-	// only while epoch is still e. Only the receive goroutine writes it.
-	epoch     atomic.Uint64
+	// epoch is even while the stream is trusted (subscribed, and the
+	// circuit closed) and odd otherwise; it changes on every transition, so
+	// an entry filled under epoch e is valid only while epoch is still e.
+	// It is written under stateMu.
+	epoch      atomic.Uint64
+	stateMu    sync.Mutex
+	subscribed bool // under stateMu
+
+	// The circuit breaker (breaker.go).
+	open      atomic.Bool
+	fails     atomic.Int32
+	openedAt  atomic.Int64
+	opens     atomic.Uint64
+	closes    atomic.Uint64
+	replayMu  sync.Mutex // one replay at a time
+	wake      chan struct{}
+	obDone    chan struct{}
+	obMu      sync.Mutex
+	outbox    map[string]*pendingNS // under obMu
+	obKeys    int                   // keys in outbox, under obMu
+	obFlushes int                   // flushes in outbox, under obMu
+	obSeq     uint64                // under obMu
+	depth     atomic.Int64          // obKeys + obFlushes
+	deferred  atomic.Uint64
+	replayed  atomic.Uint64
+	overflows atomic.Uint64
 	lastHeard atomic.Int64 // unix ns
 	seq       atomic.Uint64
 
@@ -172,6 +218,9 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 		liveCh:   make(chan struct{}),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
+		wake:     make(chan struct{}, 1),
+		obDone:   make(chan struct{}),
+		outbox:   make(map[string]*pendingNS),
 	}
 	if b.auth, err = newAuth(opts.Secret); err != nil {
 		return nil, err
@@ -182,6 +231,7 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 	}
 	b.epoch.Store(1) // dead until the first subscription is confirmed
 	go b.run()
+	go b.outboxLoop()
 	return b, nil
 }
 
@@ -198,7 +248,12 @@ func (b *Bus) Origin() [16]byte { return b.origin }
 // L1 hit; it is a single atomic load.
 func (b *Bus) Epoch() uint64 { return b.epoch.Load() }
 
-// Live reports whether the stream is currently trusted.
+// HeartbeatTimeout is the Bus's configured silence bound: how long a dead
+// stream can go unnoticed, and so the staleness bound under faults.
+func (b *Bus) HeartbeatTimeout() time.Duration { return b.opts.HeartbeatTimeout }
+
+// Live reports whether the stream is currently trusted: subscribed, and the
+// circuit breaker closed.
 func (b *Bus) Live() bool { return b.epoch.Load()&1 == 0 }
 
 // LastHeard is when the Bus last received anything on its subscription; the
@@ -318,6 +373,14 @@ type Stats struct {
 	Ignored    uint64 // messages for namespaces with no handler here
 	Malformed  uint64 // messages that failed to decode
 	Rejected   uint64 // messages dropped for want of a valid tag (Options.Secret)
+
+	CircuitOpen   bool   // the circuit breaker is open
+	CircuitOpens  uint64 // times it opened
+	CircuitCloses uint64 // times a probe closed it
+	OutboxDepth   int    // keys and namespace flushes waiting to be replayed
+	Deferred      uint64 // invalidations put in the outbox
+	Replayed      uint64 // invalidations replayed from it
+	Overflows     uint64 // times a namespace degraded to a flush because the outbox was full
 }
 
 // Stats returns the Bus's counters.
@@ -325,6 +388,8 @@ func (b *Bus) Stats() Stats {
 	return Stats{
 		Live: b.Live(), LastHeard: b.LastHeard(), Reconnects: b.reconnects.Load(),
 		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(),
+		CircuitOpen: b.open.Load(), CircuitOpens: b.opens.Load(), CircuitCloses: b.closes.Load(),
+		OutboxDepth: b.OutboxDepth(), Deferred: b.deferred.Load(), Replayed: b.replayed.Load(), Overflows: b.overflows.Load(),
 	}
 }
 
@@ -346,13 +411,25 @@ func (b *Bus) Close() error {
 		}
 		b.psMu.Unlock()
 		<-b.done
+		<-b.obDone
 	})
 	return nil
 }
 
-// setLive moves the epoch to the next even (live) or odd (dead) value.
-// Only the receive goroutine calls it.
+// setLive records whether the subscription is confirmed and moves the
+// epoch accordingly. Only the receive goroutine calls it.
 func (b *Bus) setLive(live bool) {
+	b.stateMu.Lock()
+	b.subscribed = live
+	b.updateEpochLocked()
+	b.stateMu.Unlock()
+}
+
+// updateEpochLocked moves the epoch to the next even (trusted) or odd
+// (untrusted) value if the state calls for it: trusted means subscribed
+// with the circuit closed.
+func (b *Bus) updateEpochLocked() {
+	live := b.subscribed && !b.open.Load()
 	e := b.epoch.Load()
 	if (e&1 == 0) == live {
 		return
@@ -483,6 +560,11 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 			if err := b.resync(ctx); err != nil {
 				return wasLive, fmt.Errorf("resync: %w", err)
 			}
+			// Invalidations this process could not send go out before
+			// its own L1 is trusted again.
+			if err := b.replay(ctx); err != nil {
+				return wasLive, fmt.Errorf("replay outbox: %w", err)
+			}
 			// A confirmation can only arrive after a dead period (the epoch
 			// is odd), so setLive always moves to a fresh even epoch.
 			if !*first {
@@ -538,7 +620,9 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		// It may have been an invalidation we cannot read (a newer
 		// version, say): assume the worst and void every L1 entry, as for
 		// a gap in the stream, without leaving the live state.
+		b.stateMu.Lock()
 		b.epoch.Add(2)
+		b.stateMu.Unlock()
 		return nil
 	}
 	if m.Origin == b.origin {
@@ -577,7 +661,9 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		if err != nil {
 			return fmt.Errorf("resync after an authenticated flush: %w", err)
 		}
+		b.stateMu.Lock()
 		b.epoch.Add(2)
+		b.stateMu.Unlock()
 	}
 	b.applied.Add(1)
 	return nil

@@ -1,0 +1,272 @@
+package invalidate
+
+import (
+	"context"
+	"log/slog"
+	"sort"
+	"time"
+)
+
+// DefaultOutboxLimit is the default for Options.OutboxLimit.
+const DefaultOutboxLimit = 10000
+
+// Replayer is implemented by handlers that can redo, on recovery, the
+// invalidations the Bus kept in its outbox. A cache's Replay deletes the keys
+// from Redis and publishes their invalidation (or, with flush, clears the
+// whole namespace), in one atomic step per batch, without going through the
+// circuit breaker. It is called from the Bus's outbox goroutine.
+type Replayer interface {
+	Replay(ctx context.Context, keys []string, flush bool) error
+}
+
+// pendingNS is what the outbox holds for one namespace: keys to delete and
+// invalidate, each with the sequence number of its latest Defer, or a whole
+// namespace flush.
+type pendingNS struct {
+	keys  map[string]uint64
+	flush uint64 // the Defer sequence that asked for it; 0: none
+}
+
+// Defer keeps, in the Bus's outbox, the invalidation of keys of namespace ns
+// that could not reach Redis (a write that failed or was refused). The outbox
+// keeps each key once, replays it with backoff until it succeeds, and always
+// before the Bus trusts L1 again after a gap or an open circuit. A replay
+// deletes the key from Redis and invalidates it everywhere: the value that
+// failed to be written is not kept, only the fact that Redis may hold an
+// older one.
+//
+// The outbox is bounded by Options.OutboxLimit keys; beyond that a namespace
+// degrades to a whole-namespace flush, never to a silent drop.
+func (b *Bus) Defer(ns string, keys ...string) {
+	if len(keys) == 0 {
+		return
+	}
+	b.obMu.Lock()
+	p := b.pendingLocked(ns)
+	if p.flush == 0 {
+		for _, k := range keys {
+			b.obSeq++
+			if _, ok := p.keys[k]; !ok {
+				b.obKeys++
+			}
+			p.keys[k] = b.obSeq
+		}
+		if b.obKeys > b.opts.OutboxLimit {
+			b.overflowLocked(ns, p)
+		}
+	}
+	b.depth.Store(int64(b.obKeys + b.obFlushes))
+	b.obMu.Unlock()
+	b.deferred.Add(uint64(len(keys)))
+	b.kick()
+}
+
+// DeferFlush keeps a namespace flush that could not reach Redis (a Clear).
+func (b *Bus) DeferFlush(ns string) {
+	b.obMu.Lock()
+	p := b.pendingLocked(ns)
+	b.flushLocked(p)
+	b.depth.Store(int64(b.obKeys + b.obFlushes))
+	b.obMu.Unlock()
+	b.deferred.Add(1)
+	b.kick()
+}
+
+func (b *Bus) pendingLocked(ns string) *pendingNS {
+	p := b.outbox[ns]
+	if p == nil {
+		p = &pendingNS{keys: make(map[string]uint64)}
+		b.outbox[ns] = p
+	}
+	return p
+}
+
+// flushLocked turns p into a flush, which covers every key.
+func (b *Bus) flushLocked(p *pendingNS) {
+	b.obKeys -= len(p.keys)
+	clear(p.keys)
+	if p.flush == 0 {
+		b.obFlushes++
+	}
+	b.obSeq++
+	p.flush = b.obSeq
+}
+
+func (b *Bus) overflowLocked(ns string, p *pendingNS) {
+	b.flushLocked(p)
+	b.overflows.Add(1)
+	b.logf(slog.LevelWarn, "tiercache: invalidation outbox full; the namespace will be flushed on recovery", "namespace", ns, "limit", b.opts.OutboxLimit)
+}
+
+// Pending reports whether the outbox holds an invalidation that covers key of
+// namespace ns: Redis may then hold a value older than a write this process
+// made, so caches read such keys from their loader instead. It is one atomic
+// load while the outbox is empty.
+func (b *Bus) Pending(ns, key string) bool {
+	if b.depth.Load() == 0 {
+		return false
+	}
+	b.obMu.Lock()
+	defer b.obMu.Unlock()
+	p := b.outbox[ns]
+	if p == nil {
+		return false
+	}
+	if p.flush != 0 {
+		return true
+	}
+	_, ok := p.keys[key]
+	return ok
+}
+
+// OutboxDepth is the number of keys and namespace flushes waiting in the
+// outbox.
+func (b *Bus) OutboxDepth() int { return int(b.depth.Load()) }
+
+// kick wakes the outbox goroutine.
+func (b *Bus) kick() {
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+// replay hands every pending namespace to its handler and removes what was
+// replayed, unless a newer Defer for it arrived meanwhile. Namespaces with no
+// handler (their cache was closed) are dropped: there is nothing of theirs
+// left in this process to protect, and their keys cannot be named without it.
+// One replay runs at a time.
+func (b *Bus) replay(ctx context.Context) error {
+	b.replayMu.Lock()
+	defer b.replayMu.Unlock()
+	type job struct {
+		ns    string
+		keys  []string
+		seqs  []uint64
+		flush uint64
+	}
+	b.obMu.Lock()
+	jobs := make([]job, 0, len(b.outbox))
+	for ns, p := range b.outbox {
+		j := job{ns: ns, flush: p.flush}
+		if p.flush == 0 {
+			j.keys = make([]string, 0, len(p.keys))
+			for k := range p.keys {
+				j.keys = append(j.keys, k)
+			}
+			sort.Strings(j.keys)
+			j.seqs = make([]uint64, len(j.keys))
+			for i, k := range j.keys {
+				j.seqs[i] = p.keys[k]
+			}
+		}
+		jobs = append(jobs, j)
+	}
+	b.obMu.Unlock()
+	if len(jobs) == 0 {
+		return nil
+	}
+
+	var firstErr error
+	for _, j := range jobs {
+		b.mu.RLock()
+		r := b.handlers[j.ns]
+		b.mu.RUnlock()
+		if r != nil {
+			rp, ok := r.h.(Replayer)
+			if ok {
+				rctx, cancel := context.WithTimeout(ctx, max(b.opts.HeartbeatTimeout, 5*time.Second))
+				err := rp.Replay(rctx, j.keys, j.flush != 0)
+				cancel()
+				if err != nil {
+					if firstErr == nil {
+						firstErr = err
+					}
+					continue
+				}
+			}
+		}
+		b.obMu.Lock()
+		if p := b.outbox[j.ns]; p != nil {
+			if j.flush != 0 {
+				if p.flush == j.flush {
+					p.flush = 0
+					b.obFlushes--
+				}
+			} else {
+				for i, k := range j.keys {
+					if p.keys[k] == j.seqs[i] {
+						delete(p.keys, k)
+						b.obKeys--
+					}
+				}
+			}
+			if p.flush == 0 && len(p.keys) == 0 {
+				delete(b.outbox, j.ns)
+			}
+		}
+		b.depth.Store(int64(b.obKeys + b.obFlushes))
+		b.obMu.Unlock()
+		b.replayed.Add(uint64(max(len(j.keys), 1)))
+	}
+	return firstErr
+}
+
+// outboxLoop owns the outbox replays and the circuit breaker's probes. It
+// replays whenever something is deferred, with exponential backoff while
+// replays fail, and probes Redis every BreakerCooldown while the circuit is
+// open.
+func (b *Bus) outboxLoop() {
+	defer close(b.obDone)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-b.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	backoff := time.Duration(0)
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-b.wake:
+		case <-timer.C:
+		}
+		var next time.Duration
+		switch {
+		case b.open.Load():
+			wait := b.opts.BreakerCooldown - time.Since(time.Unix(0, b.openedAt.Load()))
+			if wait > 0 {
+				next = wait
+				break
+			}
+			if !b.probe(ctx) {
+				next = b.opts.BreakerCooldown
+			}
+		case b.depth.Load() > 0:
+			if err := b.replay(ctx); err != nil {
+				if Unavailable(err) {
+					b.Report(err)
+				}
+				backoff = min(max(2*backoff, 50*time.Millisecond), 5*time.Second)
+				next = backoff
+			} else {
+				backoff = 0
+			}
+		}
+		if next > 0 {
+			if !timer.Stop() {
+				select {
+				case <-timer.C:
+				default:
+				}
+			}
+			timer.Reset(next)
+		}
+	}
+}
