@@ -37,7 +37,7 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 	if len(missing) == 0 {
 		return out, nil
 	}
-	if c.rdb == nil {
+	if c.memoryOnly() {
 		return out, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -176,13 +176,23 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 		return err
 	}
 	defer leave()
-	if c.rdb == nil {
+	if c.memoryOnly() {
 		for i, k := range keys {
 			c.setMemory(k, vals[i], payloads[i], ttl)
 		}
+		c.deferKeys(keys) // SetMode(ModeMemory): Redis must not keep what these replaced
 		return nil
 	}
-	return c.write(ctx, keys, func(i int) ([]byte, time.Duration) { return payloads[i], c.jitter(ttl) })
+	err = c.write(ctx, keys, func(i int) ([]byte, time.Duration) { return payloads[i], c.jitter(ttl) })
+	if err != nil && c.l1 != nil && degraded(c.snap(0)) && c.opts.DegradedL1TTL > 0 {
+		// Redis is unhealthy: serve what was written from L1 for the
+		// degraded bound (automatic memory-only operation); the outbox
+		// holds the keys' invalidation.
+		for i, k := range keys {
+			c.setDegraded(k, vals[i], payloads[i], ttl)
+		}
+	}
+	return err
 }
 
 // DeleteMany deletes keys like Delete, in batches like SetMany.
@@ -195,17 +205,23 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 		return err
 	}
 	defer leave()
-	if c.rdb == nil {
+	if c.memoryOnly() {
 		for _, k := range keys {
 			c.invalidateLocal(k)
 		}
+		c.deferKeys(keys)
 		return nil
 	}
+	return c.write(ctx, keys, c.deleteItem)
+}
+
+// deleteItem is what a delete writes: a tombstone, or in plain-JSON mode
+// (where a tombstone would not be JSON to the Node.js side) a plain DEL.
+func (c *Cache[V]) deleteItem(int) ([]byte, time.Duration) {
 	if c.opts.PlainJSON {
-		// A tombstone would not be JSON to the Node.js side: plain DEL.
-		return c.write(ctx, keys, func(int) ([]byte, time.Duration) { return nil, 0 })
+		return nil, 0
 	}
-	return c.write(ctx, keys, func(int) ([]byte, time.Duration) { return tombstone(), c.opts.TombstoneTTL })
+	return tombstone(), c.opts.TombstoneTTL
 }
 
 // write stores (or, for a nil payload, deletes) keys and publishes their
@@ -216,7 +232,32 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 // cannot half-happen. The local invalidation happens whatever the outcome:
 // after a failed write this instance's L1 must not keep serving what it
 // held before.
+//
+// A write that fails, or that the circuit breaker refuses, leaves its keys
+// in the Bus's outbox: Redis may hold the values it meant to replace, and
+// other instances may still serve them, until the outbox's replay deletes
+// and invalidates them.
 func (c *Cache[V]) write(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) error {
+	err := c.admit()
+	if err == nil {
+		start := time.Now()
+		err = c.writeRedis(ctx, keys, item)
+		c.report(start, err)
+		if err == nil {
+			return nil
+		}
+	}
+	c.st.errors.Add(1)
+	for _, k := range keys {
+		c.invalidateLocal(k)
+	}
+	c.deferKeys(keys)
+	return err
+}
+
+// writeRedis is write without the breaker and the outbox: the outbox's
+// replay uses it too.
+func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) error {
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))
@@ -247,7 +288,6 @@ func (c *Cache[V]) write(ctx context.Context, keys []string, item func(int) ([]b
 			return nil
 		})
 		if err != nil {
-			c.st.errors.Add(1)
 			errs = append(errs, fmt.Errorf("tiered: write %d keys: %w", len(part), err))
 		} else {
 			c.st.writes.Add(uint64(len(part)))
@@ -271,13 +311,34 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration)
 	if ttl <= clockTick {
 		return
 	}
-	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(),
+	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: c.busEpoch(),
 		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
 	if c.opts.CopyOnRead {
 		e.raw, _ = encode(c.opts.Codec, v)
 	}
 	c.store(h, e)
 	c.st.writes.Add(1)
+}
+
+// setDegraded stores a value whose write Redis refused in L1, for at most
+// DegradedL1TTL and only while the stream stays untrusted in this epoch.
+func (c *Cache[V]) setDegraded(key string, v V, payload []byte, ttl time.Duration) {
+	h := hashKey(key)
+	s := c.snap(h) // after write's invalidateLocal
+	if !degraded(s) {
+		return
+	}
+	ttl = min(ttl, c.opts.DegradedL1TTL, c.jitter(c.opts.L1TTL))
+	if ttl <= clockTick {
+		return
+	}
+	e := &entry[V]{key: key, val: v, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
+		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
+	if c.opts.CopyOnRead {
+		e.raw, _ = encode(c.opts.Codec, v)
+	}
+	c.store(h, e)
+	c.st.degradedFills.Add(1)
 }
 
 var _ invalidate.Handler = handler[int]{}

@@ -87,6 +87,9 @@ type Cache[V any] struct {
 	flights    *flight.Group[readResult[V]]
 	unregister func()
 
+	// forced is set by SetMode(ModeMemory): run on L1 alone.
+	forced atomic.Bool
+
 	// closing is set first by Close so new calls fail fast; mu's write lock
 	// then waits for the slow-path calls already inside.
 	closing   atomic.Bool
@@ -151,6 +154,9 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 	if opts.Mode != ModeMemory {
 		if rdb == nil {
 			return nil, fmt.Errorf("tiered: %v mode needs a Redis client", opts.Mode)
+		}
+		if err := checkClient(rdb); err != nil {
+			return nil, err
 		}
 		c.rdb, c.bus = rdb, bus
 	}
@@ -267,7 +273,7 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
 	}
-	if c.rdb == nil {
+	if c.memoryOnly() || c.pending(key) {
 		return v, false, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -308,7 +314,15 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 // the Forget while having read an older value, and both fills would pass the
 // fence (TestFleet_Stress caught exactly this). Read early, any two flights
 // of a key that overlap are separated by a bump that voids the older one.
-func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) (map[string]readResult[V], error) {
+func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) (out map[string]readResult[V], err error) {
+	if err := c.admit(); err != nil {
+		return nil, err
+	}
+	defer func(start time.Time) { c.report(start, err) }(time.Now())
+	keys, snaps = c.skipPending(keys, snaps)
+	if len(keys) == 0 {
+		return nil, nil
+	}
 	gen, err := c.generation(ctx, snaps[0])
 	if err != nil {
 		return nil, err
@@ -328,7 +342,7 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 	if _, err = pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("tiered: get %d keys: %w", len(keys), err)
 	}
-	out := make(map[string]readResult[V], len(keys))
+	out = make(map[string]readResult[V], len(keys))
 	for i, k := range keys {
 		if r := c.absorb(ctx, k, snaps[i], gen, gets[i], ttls[i]); r.found {
 			out[flightKey(k)] = r
@@ -339,7 +353,11 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 
 // readOne is readL2 for a single key, without the batch's slices and map:
 // the path of every Get that misses L1.
-func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (readResult[V], error) {
+func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (_ readResult[V], err error) {
+	if err := c.admit(); err != nil {
+		return readResult[V]{}, err
+	}
+	defer func(start time.Time) { c.report(start, err) }(time.Now())
 	gen, err := c.generation(ctx, s)
 	if err != nil {
 		return readResult[V]{}, err
@@ -433,9 +451,6 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 		c.invalidateLocal(key)
 		return
 	}
-	if s.epoch&1 == 1 { // the stream is not live: nothing may be trusted to L1
-		return
-	}
 	ttl := c.jitter(c.opts.L1TTL)
 	switch {
 	case l2TTL == -2: // the key vanished between GET and PTTL
@@ -443,7 +458,7 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 	case l2TTL >= 0 && l2TTL < ttl:
 		ttl = l2TTL
 	}
-	if ttl <= clockTick {
+	if ttl = c.degradedTTL(s, ttl); ttl <= clockTick {
 		return
 	}
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
@@ -459,6 +474,35 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 		c.beforeL1Store(key)
 	}
 	c.store(h, e)
+}
+
+// degradedTTL caps an L1 entry's life when it is filled while the stream is
+// not trusted: no invalidation would reach it, so it lives at most
+// DegradedL1TTL, and only while the stream stays in this epoch. It returns 0
+// when nothing may be kept.
+func (c *Cache[V]) degradedTTL(s snapshot, ttl time.Duration) time.Duration {
+	if !degraded(s) {
+		return ttl
+	}
+	if c.opts.DegradedL1TTL <= 0 {
+		return 0
+	}
+	c.st.degradedFills.Add(1)
+	return min(ttl, c.opts.DegradedL1TTL)
+}
+
+// skipPending drops the keys whose write is in the outbox (see pending).
+func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []snapshot) {
+	if c.bus == nil || c.bus.OutboxDepth() == 0 {
+		return keys, snaps
+	}
+	ks, ss := keys[:0:0], snaps[:0:0]
+	for i, k := range keys {
+		if !c.pending(k) {
+			ks, ss = append(ks, k), append(ss, snaps[i])
+		}
+	}
+	return ks, ss
 }
 
 // store hands e to ristretto (no TTL: e carries its own expiry) and waits
@@ -494,7 +538,7 @@ func (c *Cache[V]) Delete(ctx context.Context, key string) error {
 }
 
 // Exists reports whether key holds a value, without decoding it.
-func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
+func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if err := c.checkKey(key); err != nil {
 		return false, err
 	}
@@ -509,9 +553,13 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 			return !e.negative, nil
 		}
 	}
-	if c.rdb == nil {
+	if c.memoryOnly() || c.pending(key) {
 		return false, nil
 	}
+	if err := c.admit(); err != nil {
+		return false, err
+	}
+	defer func(start time.Time) { c.report(start, err) }(time.Now())
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))
@@ -548,7 +596,7 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (bool, error) {
 func (c *Cache[V]) invalidateLocal(key string) {
 	h := xxhash.Sum64String(key)
 	c.flights.Forget(func() { c.stripes[h&stripeMask].Add(1) }, flightKey(key), rememberKey(key))
-	if c.l1 != nil && c.rdb == nil {
+	if c.l1 != nil && c.memoryOnly() {
 		c.l1.Del(h)
 	}
 }

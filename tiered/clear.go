@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -37,9 +38,27 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 	}
 	defer leave()
 	defer c.invalidateAll()
-	if c.rdb == nil {
+	if c.memoryOnly() {
+		if c.bus != nil {
+			c.bus.DeferFlush(c.name)
+		}
 		return nil
 	}
+	err = c.admit()
+	if err == nil {
+		start := time.Now()
+		err = c.clearRedis(ctx)
+		c.report(start, err)
+	}
+	if err != nil {
+		c.st.errors.Add(1)
+		c.bus.DeferFlush(c.name)
+	}
+	return err
+}
+
+// clearRedis is Clear's round trip, without the breaker and the outbox.
+func (c *Cache[V]) clearRedis(ctx context.Context) error {
 	if c.opts.PlainJSON {
 		_, err := c.deletePattern(ctx, "*", true)
 		return err
@@ -52,7 +71,6 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 	}
 	g, err := clearScript.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Uint64()
 	if err != nil {
-		c.st.errors.Add(1)
 		return fmt.Errorf("tiered: clear: %w", err)
 	}
 	c.nsGen.Store(g)
@@ -74,11 +92,24 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 		return 0, err
 	}
 	defer leave()
-	if c.rdb == nil {
+	if c.memoryOnly() {
 		c.invalidateAll() // L1 cannot be scanned by pattern: drop it all
+		if c.bus != nil {
+			c.bus.DeferFlush(c.name)
+		}
 		return 0, nil
 	}
-	return c.deletePattern(ctx, pattern, false)
+	if err := c.admit(); err != nil {
+		c.bus.DeferFlush(c.name) // which keys matched is unknown: flush them all on recovery
+		return 0, err
+	}
+	start := time.Now()
+	n, err := c.deletePattern(ctx, pattern, false)
+	c.report(start, err)
+	if err != nil {
+		c.bus.DeferFlush(c.name)
+	}
+	return n, err
 }
 
 func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool) (int, error) {

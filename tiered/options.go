@@ -181,6 +181,15 @@ type Options struct {
 	// caching.
 	NegativeTTL time.Duration
 
+	// DegradedL1TTL is how long L1 keeps a value filled while the
+	// invalidation stream is not trusted (subscription lost, Redis
+	// unreachable, circuit open): what a Remember loaded or a Set wrote
+	// during an outage. Such entries are not invalidated by other instances,
+	// so this is their staleness bound. Zero means the Bus's
+	// HeartbeatTimeout, the bound that holds for every other fault;
+	// negative means nothing is kept in L1 while degraded.
+	DegradedL1TTL time.Duration
+
 	// CommandTimeout bounds each Redis round trip the cache makes on a
 	// caller's behalf, in addition to the caller's ctx. Zero means
 	// DefaultCommandTimeout; negative means only ctx bounds it.
@@ -238,6 +247,12 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	}
 	if o.RetryThrottle == 0 {
 		o.RetryThrottle = DefaultRetryThrottle
+	}
+	if o.DegradedL1TTL == 0 {
+		o.DegradedL1TTL = invalidate.DefaultHeartbeatTimeout
+		if bus != nil {
+			o.DegradedL1TTL = bus.HeartbeatTimeout()
+		}
 	}
 	var errs []error
 	if o.Mode > ModeRedis {

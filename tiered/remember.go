@@ -215,31 +215,36 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	h := hashKey(key)
 	var expect []byte // the write ID the key held before the load; nil: absent
 	var gen uint64
-	noStore := false
-	if c.rdb != nil {
-		l2ctx, cancel := c.opCtx(ctx)
-		var err error
-		gen, err = c.generation(l2ctx, s)
-		if err != nil {
-			cancel()
-			return readResult[V]{}, err
-		}
-		dk := c.dataKey(gen, key)
-		pipe := c.rdb.Pipeline()
-		get := pipe.Get(l2ctx, dk)
-		pttl := pipe.PTTL(l2ctx, dk)
-		_, err = pipe.Exec(l2ctx)
-		cancel()
-		if err != nil && !errors.Is(err, redis.Nil) {
-			// Redis cannot answer; the source can. (Issue 4 adds the
-			// policy for serving through an outage; for now the loader
-			// answers and nothing is stored.)
-			c.st.errors.Add(1)
-			v, lerr := load(ctx, key)
-			if lerr != nil {
-				return readResult[V]{}, lerr
+	noStore := c.memoryOnly()
+	if !noStore && c.pending(key) {
+		// This process's write of key is in the outbox: Redis may hold
+		// what it replaced. Load, serve, and leave Redis to the replay.
+		noStore = true
+	}
+	if !noStore {
+		err := c.admit()
+		var get *redis.StringCmd
+		var pttl *redis.DurationCmd
+		var dk string
+		if err == nil {
+			start := time.Now()
+			l2ctx, cancel := c.opCtx(ctx)
+			gen, err = c.generation(l2ctx, s)
+			if err == nil {
+				dk = c.dataKey(gen, key)
+				pipe := c.rdb.Pipeline()
+				get = pipe.Get(l2ctx, dk)
+				pttl = pipe.PTTL(l2ctx, dk)
+				_, err = pipe.Exec(l2ctx)
 			}
-			return readResult[V]{val: v, found: true}, nil
+			cancel()
+			c.report(start, err)
+		}
+		if err != nil && !errors.Is(err, redis.Nil) {
+			// Redis cannot answer (or the circuit is open); the source
+			// can. Nothing goes to Redis; L1 keeps the value only for the
+			// degraded bound if the stream is already untrusted.
+			return c.loadDegraded(ctx, key, h, s, load)
 		}
 		if raw, err := get.Bytes(); err == nil {
 			val, payload, found, derr := c.decode(raw)
@@ -277,8 +282,14 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	if c.afterL2Read != nil {
 		c.afterL2Read(key)
 	}
-	if c.opts.Lease && c.rdb != nil && !noStore {
+	if c.opts.Lease && !noStore {
+		start := time.Now()
 		r, done, release, err := c.lease(ctx, key, gen, s, &expect)
+		if err != nil && ctx.Err() == nil {
+			// Redis failed under the lease: the source can still answer.
+			c.report(start, err)
+			return c.loadDegraded(ctx, key, h, s, load)
+		}
 		if done || err != nil {
 			return r, err
 		}
@@ -298,6 +309,44 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	}
 	if !noStore {
 		c.storeLoaded(ctx, key, h, s, gen, expect, &v, started)
+	} else {
+		c.fillLoaded(key, h, s, v)
+	}
+	return readResult[V]{val: v, found: true}, nil
+}
+
+// fillLoaded puts a loaded value that does not go to Redis into L1.
+func (c *Cache[V]) fillLoaded(key string, h uint64, s snapshot, v V) {
+	if c.l1 == nil {
+		return
+	}
+	var payload []byte
+	if c.opts.CopyOnRead {
+		var err error
+		if payload, err = encode(c.opts.Codec, v); err != nil {
+			return
+		}
+	}
+	c.fill(key, h, s, v, payload, nil, -1)
+}
+
+// loadDegraded answers a read-through from the loader alone, because Redis
+// cannot: no error surfaces when the loader can serve. The value goes to L1
+// only under a snapshot already taken while the stream was untrusted, so it
+// lives at most DegradedL1TTL (see degradedTTL); under a trusted snapshot it
+// is not kept, since instances whose writes fail cannot invalidate it.
+func (c *Cache[V]) loadDegraded(ctx context.Context, key string, h uint64, s snapshot, load Loader[V]) (readResult[V], error) {
+	c.st.degradedLoads.Add(1)
+	v, err := load(ctx, key)
+	c.st.loads.Add(1)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return readResult[V]{negative: true}, nil
+	case err != nil:
+		return readResult[V]{}, err
+	}
+	if degraded(s) {
+		c.fillLoaded(key, h, s, v)
 	}
 	return readResult[V]{val: v, found: true}, nil
 }
@@ -318,15 +367,21 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 	if err != nil {
 		return // unencodable or too large: serve it, do not cache it
 	}
-	if c.rdb != nil {
+	if !c.memoryOnly() {
 		// A load older than the tombstones that fence it could slip past
 		// them; its value is served but not stored.
 		if time.Since(started) >= c.opts.TombstoneTTL {
 			return
 		}
+		if c.admit() != nil {
+			c.invalidateLocalIfStale(key, h, s)
+			return
+		}
+		start := time.Now()
 		l2ctx, cancel := c.opCtx(ctx)
 		stored, err := fillScript.Run(l2ctx, c.rdb, []string{c.dataKey(gen, key)}, expect, raw, max(ttl.Milliseconds(), 1)).Int()
 		cancel()
+		c.report(start, err)
 		if err != nil || stored == 0 {
 			if stored == 0 && err == nil {
 				c.st.fencedFills.Add(1)
@@ -435,11 +490,22 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 	noStore := make(map[string]bool)
 	var gen uint64
 	toLoad := keys
-	if c.rdb != nil {
+	if c.memoryOnly() {
+		for _, k := range keys {
+			noStore[k] = true
+		}
+	} else if err := c.admit(); err != nil {
+		c.st.degradedLoads.Add(uint64(len(keys)))
+		for _, k := range keys {
+			noStore[k] = true
+		}
+	} else {
+		start := time.Now()
 		l2ctx, cancel := c.opCtx(ctx)
 		var err error
 		if gen, err = c.generation(l2ctx, snaps[keys[0]]); err != nil {
 			cancel()
+			c.report(start, err)
 			return nil, err
 		}
 		pipe := c.rdb.Pipeline()
@@ -451,6 +517,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		}
 		_, err = pipe.Exec(l2ctx)
 		cancel()
+		c.report(start, err)
 		if err == nil || errors.Is(err, redis.Nil) {
 			toLoad = nil
 			for i, k := range keys {
@@ -483,7 +550,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 				}
 			}
 		} else {
-			c.st.errors.Add(1) // Redis cannot answer: the source can; nothing is stored
+			c.st.degradedLoads.Add(uint64(len(keys))) // Redis cannot answer: the source can; nothing is stored
 			for _, k := range keys {
 				noStore[k] = true
 			}
@@ -506,6 +573,8 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			out[rememberKey(k)] = readResult[V]{val: v, found: true}
 			if !noStore[k] {
 				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], &v, started)
+			} else if degraded(snaps[k]) || c.memoryOnly() {
+				c.fillLoaded(k, h, snaps[k], v)
 			}
 		default:
 			out[rememberKey(k)] = readResult[V]{negative: true}

@@ -22,6 +22,10 @@ type counters struct {
 	leases, leaseWaits    atomic.Uint64 // leases taken; polls for another instance's load
 	staleServed           atomic.Uint64 // Remember answers past their fresh period
 	refreshes, failSafe   atomic.Uint64 // background refreshes; of those, failed ones (stale kept)
+	refused               atomic.Uint64 // Redis calls the open circuit refused
+	degradedLoads         atomic.Uint64 // Remember answers the loader gave because Redis could not
+	degradedFills         atomic.Uint64 // L1 entries stored while the stream was untrusted
+	pendingSkips          atomic.Uint64 // reads that skipped Redis for a key in the outbox
 }
 
 // TierStats counts reads answered by one tier.
@@ -81,13 +85,22 @@ type Stats struct {
 	FailSafe    uint64 `json:"failSafe"`
 	Leases      uint64 `json:"leases"`
 	LeaseWaits  uint64 `json:"leaseWaits"`
+	// Degraded operation (Redis unhealthy): Redis calls refused by the open
+	// circuit; Remember answers served by the loader because Redis could
+	// not answer (fallback use); L1 entries kept for DegradedL1TTL while
+	// the stream was untrusted; reads that skipped Redis because this
+	// process's write of the key is still in the outbox.
+	Refused       uint64 `json:"refused"`
+	DegradedLoads uint64 `json:"degradedLoads"`
+	DegradedFills uint64 `json:"degradedFills"`
+	PendingSkips  uint64 `json:"pendingSkips"`
 }
 
 // Stats returns the cache's figures. It is cheap enough to call per scrape,
 // not per request.
 func (c *Cache[V]) Stats() Stats {
 	s := Stats{
-		Type:    c.opts.Mode.String(),
+		Type:    c.CurrentMode().String(),
 		Writes:  c.st.writes.Load(),
 		Errors:  c.st.errors.Load(),
 		Corrupt: c.st.corrupt.Load(),
@@ -100,6 +113,11 @@ func (c *Cache[V]) Stats() Stats {
 		FailSafe:    c.st.failSafe.Load(),
 		Leases:      c.st.leases.Load(),
 		LeaseWaits:  c.st.leaseWaits.Load(),
+
+		Refused:       c.st.refused.Load(),
+		DegradedLoads: c.st.degradedLoads.Load(),
+		DegradedFills: c.st.degradedFills.Load(),
+		PendingSkips:  c.st.pendingSkips.Load(),
 	}
 	if c.l1 != nil {
 		s.L1 = tier(c.hits.load(), c.st.l1Misses.Load())
@@ -140,16 +158,19 @@ func (c *Cache[V]) Ping(ctx context.Context) error {
 
 // Health is what a health endpoint reports about a cache.
 type Health struct {
-	// Status is "ok", or "degraded" when Redis does not answer or the
-	// invalidation stream is not live (L1 is then bypassed).
-	Status     string    `json:"status"`
-	Type       string    `json:"type"`
-	Redis      bool      `json:"redis"`
-	RedisError string    `json:"redisError,omitempty"`
-	BusLive    bool      `json:"busLive"`
-	LastHeard  time.Time `json:"lastHeard,omitzero"`
-	Keys       uint64    `json:"keys"`
-	Memory     uint64    `json:"memory"`
+	// Status is "ok", or "degraded" when Redis does not answer, the circuit
+	// is open, the invalidation stream is not live (L1 is then bypassed),
+	// or the cache was switched to memory-only.
+	Status      string    `json:"status"`
+	Type        string    `json:"type"`
+	Redis       bool      `json:"redis"`
+	RedisError  string    `json:"redisError,omitempty"`
+	BusLive     bool      `json:"busLive"`
+	LastHeard   time.Time `json:"lastHeard,omitzero"`
+	CircuitOpen bool      `json:"circuitOpen"`
+	OutboxDepth int       `json:"outboxDepth"`
+	Keys        uint64    `json:"keys"`
+	Memory      uint64    `json:"memory"`
 }
 
 // Health pings Redis and reports the Bus's liveness.
@@ -163,8 +184,9 @@ func (c *Cache[V]) Health(ctx context.Context) Health {
 	}
 	if c.bus != nil {
 		h.BusLive, h.LastHeard = c.bus.Live(), c.bus.LastHeard()
+		h.CircuitOpen, h.OutboxDepth = c.bus.CircuitOpen(), c.bus.OutboxDepth()
 	}
-	if !h.Redis || !h.BusLive {
+	if !h.Redis || !h.BusLive || h.CircuitOpen || c.forced.Load() {
 		h.Status = "degraded"
 	}
 	return h

@@ -1,0 +1,61 @@
+package tiered
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// ErrContextTimeouts is returned by New for a Redis client built without
+// ContextTimeoutEnabled: go-redis then ignores context deadlines on socket
+// I/O (a GET with a 100 ms deadline can block for ReadTimeout, 3 s by
+// default), so neither Options.CommandTimeout nor the callers' deadlines
+// would hold, and a slow Redis would stall every request instead of
+// tripping the circuit breaker. Build the client with [RedisOptions] or set
+// the field.
+var ErrContextTimeouts = errors.New("tiered: the Redis client must set ContextTimeoutEnabled: true so deadlines are honoured")
+
+// RedisOptions parses a redis:// or rediss:// URL (user, password, database
+// and TLS included; see redis.ParseURL) and applies the settings a cache
+// needs on top: context deadlines honoured, short pool waits, no command
+// retries (a cache read that fails goes to the loader; a write that fails
+// goes to the outbox), and connect timeout connectTimeout (0: 1 s). Adjust
+// the result before redis.NewClient as you like.
+func RedisOptions(url string, connectTimeout time.Duration) (*redis.Options, error) {
+	o, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("tiered: Redis URL: %w", err) // ParseURL's errors never echo the password
+	}
+	if connectTimeout <= 0 {
+		connectTimeout = time.Second
+	}
+	o.ContextTimeoutEnabled = true
+	o.DialTimeout = connectTimeout
+	o.ReadTimeout = 2 * time.Second
+	o.WriteTimeout = 2 * time.Second
+	o.PoolTimeout = 200 * time.Millisecond
+	o.MaxRetries = -1 // none: go-redis's 0 means 3
+	return o, nil
+}
+
+// checkClient rejects a client that would ignore deadlines (see
+// ErrContextTimeouts). Clients whose options cannot be read are trusted.
+func checkClient(rdb redis.UniversalClient) error {
+	var ok bool
+	switch c := rdb.(type) {
+	case *redis.Client:
+		ok = c.Options().ContextTimeoutEnabled
+	case *redis.ClusterClient:
+		ok = c.Options().ContextTimeoutEnabled
+	case *redis.Ring:
+		ok = c.Options().ContextTimeoutEnabled
+	default:
+		ok = true
+	}
+	if !ok {
+		return ErrContextTimeouts
+	}
+	return nil
+}

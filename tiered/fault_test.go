@@ -1,0 +1,451 @@
+package tiered
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/faultproxy"
+	"github.com/tiercache/tiercache/internal/redistest"
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// The failure policy of DESIGN.md, one test per row, each on a real
+// redis-server that the test slows, stops, pauses or cuts off.
+
+// faultBus is a Bus tuned for fault tests: a short heartbeat so a dead
+// stream is noticed in 300 ms, a quick breaker.
+var faultBus = invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond,
+	BreakerThreshold: 3, BreakerCooldown: 100 * time.Millisecond}
+
+// proxied is an instance whose client and Bus reach Redis through a fault
+// proxy, so a test can slow or cut this one instance alone.
+func proxied[V any](t *testing.T, s *redistest.Server, ns string, opts Options, bo invalidate.Options) (*instance[V], *faultproxy.Proxy) {
+	t.Helper()
+	p, err := faultproxy.Start(s.Addr())
+	if err != nil {
+		t.Fatalf("faultproxy: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	o := s.Options()
+	o.Addr = p.Addr()
+	o.DialTimeout = 200 * time.Millisecond
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	return newInstance[V](t, s, ns, rdb, opts, bo), p
+}
+
+// direct is an instance with its own plain client.
+func direct[V any](t *testing.T, s *redistest.Server, ns string, opts Options, bo invalidate.Options) *instance[V] {
+	t.Helper()
+	return newInstance[V](t, s, ns, s.Client(t), opts, bo)
+}
+
+func newInstance[V any](t *testing.T, s *redistest.Server, ns string, rdb *redis.Client, opts Options, bo invalidate.Options) *instance[V] {
+	t.Helper()
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = s.Prefix()
+	}
+	bus := newBus(t, s, rdb, bo)
+	c, err := New[V](ns, rdb, bus, opts)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &instance[V]{rdb: rdb, bus: bus, c: c}
+}
+
+func waitLiveT(t *testing.T, b *invalidate.Bus, within time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	if err := b.WaitLive(ctx); err != nil {
+		t.Fatalf("Bus not live again within %v: %v (%+v)", within, err, b.Stats())
+	}
+}
+
+// versioned is a loader over a versioned "database" that counts its calls.
+type versioned struct {
+	version atomic.Int64
+	calls   atomic.Int64
+}
+
+func (s *versioned) load(_ context.Context, key string) (string, error) {
+	s.calls.Add(1)
+	return key + "@" + strconv.FormatInt(s.version.Load(), 10), nil
+}
+
+// Row "Redis slow": per-call timeouts are honoured, the circuit opens after
+// repeated failures and then fails fast, a failed write is kept in the
+// outbox, and on recovery the outbox is replayed so that another instance
+// stops serving what the failed write replaced.
+func TestFailure_RedisSlow(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	// A's Bus keeps a long heartbeat so only the breaker reacts to the
+	// latency, not the stream.
+	bo := faultBus
+	bo.HeartbeatInterval, bo.HeartbeatTimeout = time.Second, 5*time.Second
+	logs := &lockedBuffer{}
+	bo.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	a, p := proxied[string](t, s, ns, opts, bo)
+	b := direct[string](t, s, ns, opts, faultBus)
+	ctx := ctxT(t)
+	if err := b.c.Set(ctx, "k", "v1", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "k", "v1", "B before the fault")
+	mustGet(t, b.c, "k", "v1", "B from L1")
+
+	p.SetLatency(150 * time.Millisecond) // a round trip takes ≥ 300 ms, beyond CommandTimeout
+	for i := range 3 {
+		start := time.Now()
+		_, _, err := a.c.Get(ctx, "miss"+strconv.Itoa(i))
+		if el := time.Since(start); err == nil || el > 250*time.Millisecond {
+			t.Fatalf("Get through a slow Redis: err %v after %v; want a timeout after ~100 ms", err, el)
+		}
+	}
+	if !a.bus.CircuitOpen() {
+		t.Fatalf("circuit closed after 3 timeouts in a row: %+v", a.bus.Stats())
+	}
+	start := time.Now()
+	_, _, err := a.c.Get(ctx, "other")
+	if !errors.Is(err, ErrCircuitOpen) || time.Since(start) > 20*time.Millisecond {
+		t.Fatalf("Get with the circuit open: %v after %v; want ErrCircuitOpen at once", err, time.Since(start))
+	}
+	// The read-through still answers, from the loader, without error.
+	src := &versioned{}
+	v, err := a.c.Remember(ctx, "r", src.load)
+	if err != nil || v != "r@0" {
+		t.Fatalf("Remember with the circuit open = %q, %v; want the loader's value", v, err)
+	}
+	// A write fails fast, and its key waits in the outbox.
+	if err := a.c.Set(ctx, "k", "v2", 0); !errors.Is(err, ErrCircuitOpen) {
+		t.Fatalf("Set with the circuit open: %v, want ErrCircuitOpen", err)
+	}
+	if !a.bus.Pending(ns, "k") {
+		t.Fatal("the failed write's key is not in the outbox")
+	}
+	// B never heard of it: it still serves v1 (the documented limit of a
+	// write that returned an error).
+	mustGet(t, b.c, "k", "v1", "B while A's write is in the outbox")
+
+	bApplied := applied(b.c)
+	p.SetLatency(0)
+	waitLiveT(t, a.bus, 5*time.Second) // the probe closed the circuit after replaying
+	await(t, bApplied, "B applying A's replayed invalidation")
+	if _, ok, err := b.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("B after the replay: ok %v err %v; want a miss (the key was deleted)", ok, err)
+	}
+	st := a.bus.Stats()
+	if st.OutboxDepth != 0 || st.Replayed == 0 || st.CircuitCloses == 0 {
+		t.Fatalf("after recovery: %+v", st)
+	}
+	if a.c.Stats().Refused == 0 {
+		t.Fatal("Stats().Refused did not count the refused calls")
+	}
+	// The outage is logged once when it starts and once when it ends, not
+	// per request.
+	out := logs.String()
+	if n := strings.Count(out, "circuit open"); n != 1 {
+		t.Errorf("%d 'circuit open' log lines, want 1:\n%s", n, out)
+	}
+	if n := strings.Count(out, "circuit closed"); n != 1 {
+		t.Errorf("%d 'circuit closed' log lines, want 1:\n%s", n, out)
+	}
+}
+
+// lockedBuffer is an io.Writer safe for the Bus's goroutines and the test.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Row "Redis down": reads are served from L1 within its bound, else by the
+// loader, with no error; writes return an error and go to the outbox; on
+// recovery L1 is voided and the outbox replayed.
+func TestFailure_RedisDown(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond, DegradedL1TTL: 200 * time.Millisecond}
+	a := direct[string](t, s, ns, opts, faultBus)
+	ctx := ctxT(t)
+	src := &versioned{}
+	if v, err := a.c.Remember(ctx, "k", src.load); err != nil || v != "k@0" {
+		t.Fatalf("Remember = %q, %v", v, err)
+	}
+
+	s.Stop(t)
+	// Every read-through answers, without error, while Redis is down. Until
+	// the Bus notices (HeartbeatTimeout), L1 serves what it held; once it
+	// has, L1 keeps loaded values for DegradedL1TTL only, so a change at the
+	// source made after that shows within DegradedL1TTL.
+	deadline := time.Now().Add(time.Second)
+	var changedAt time.Time
+	sawNew := time.Duration(-1)
+	for time.Now().Before(deadline) {
+		if changedAt.IsZero() && !a.bus.Live() {
+			src.version.Store(1)
+			changedAt = time.Now()
+		}
+		v, err := a.c.Remember(ctx, "k", src.load)
+		if err != nil {
+			t.Fatalf("Remember while Redis is down: %v", err)
+		}
+		if v == "k@1" && sawNew < 0 {
+			sawNew = time.Since(changedAt)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if !a.bus.CircuitOpen() || a.bus.Live() {
+		t.Fatalf("Redis down for 1s: circuit open %v, live %v", a.bus.CircuitOpen(), a.bus.Live())
+	}
+	if sawNew < 0 || sawNew > opts.DegradedL1TTL+50*time.Millisecond {
+		t.Fatalf("a versioned change was seen after %v; want within DegradedL1TTL (%v)", sawNew, opts.DegradedL1TTL)
+	}
+	// L1 spared the versioned: far fewer loads than reads.
+	if n := src.calls.Load(); n > 20 {
+		t.Errorf("%d loads in 1 s of reads: degraded L1 entries are not being kept", n)
+	}
+	st := a.c.Stats()
+	if st.DegradedLoads == 0 || st.DegradedFills == 0 {
+		t.Errorf("degraded figures not counted: %+v", st)
+	}
+	// Get has no loader: it reports that Redis is unavailable.
+	if _, _, err := a.c.Get(ctx, "nothing"); !errors.Is(err, ErrCircuitOpen) {
+		t.Fatalf("Get while Redis is down: %v, want ErrCircuitOpen", err)
+	}
+	// A write returns an error, but is served locally and kept.
+	if err := a.c.Set(ctx, "w", "written", 0); err == nil {
+		t.Fatal("Set while Redis is down returned nil")
+	}
+	mustGet(t, a.c, "w", "written", "the writer, from L1 while degraded")
+	if err := a.c.Delete(ctx, "k"); err == nil {
+		t.Fatal("Delete while Redis is down returned nil")
+	}
+	if d := a.bus.OutboxDepth(); d != 2 {
+		t.Fatalf("OutboxDepth = %d, want 2 (w and k)", d)
+	}
+
+	s.Restart(t)
+	waitLiveT(t, a.bus, 5*time.Second)
+	if d := a.bus.OutboxDepth(); d != 0 {
+		t.Fatalf("live again with %d entries in the outbox", d)
+	}
+	// L1 was voided: the degraded entry of w is gone, and Redis holds the
+	// replay's tombstone, not the value.
+	if _, ok, err := a.c.Get(ctx, "w"); err != nil || ok {
+		t.Fatalf("Get(w) after recovery: ok %v err %v; want a miss", ok, err)
+	}
+	if v, err := a.c.Remember(ctx, "k", src.load); err != nil || v != "k@1" {
+		t.Fatalf("Remember after recovery = %q, %v", v, err)
+	}
+	if !a.bus.Live() || a.bus.CircuitOpen() {
+		t.Fatal("not back to normal after recovery")
+	}
+}
+
+// Row "Redis slow", the write half: CLIENT PAUSE WRITE stalls writes; Set
+// returns within CommandTimeout with an error, its key goes to the outbox,
+// reads keep being answered, and the outbox drains once the pause ends.
+func TestFailure_PauseWrite(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	bo := faultBus
+	bo.BreakerThreshold = -1 // isolate the timeout and the outbox
+	a := direct[string](t, s, ns, opts, bo)
+	ctx := ctxT(t)
+	src := &versioned{}
+	s.Pause(t, 600*time.Millisecond, true)
+	start := time.Now()
+	err := a.c.Set(ctx, "k", "v", 0)
+	if err == nil || time.Since(start) > 300*time.Millisecond {
+		t.Fatalf("Set during CLIENT PAUSE WRITE: %v after %v; want a timeout near 100 ms", err, time.Since(start))
+	}
+	if !a.bus.Pending(ns, "k") {
+		t.Fatal("the timed-out write is not in the outbox")
+	}
+	// The key is read from the loader, never from Redis, while pending.
+	if v, err := a.c.Remember(ctx, "k", src.load); err != nil || v != "k@0" {
+		t.Fatalf("Remember of a pending key = %q, %v", v, err)
+	}
+	if a.c.Stats().PendingSkips == 0 {
+		t.Fatal("the pending key was read from Redis")
+	}
+	// Other keys are read normally (reads are not paused).
+	if v, err := a.c.Remember(ctx, "other", src.load); err != nil || v != "other@0" {
+		t.Fatalf("Remember during the pause = %q, %v", v, err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for a.bus.OutboxDepth() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("outbox not drained 5 s after the pause: %+v", a.bus.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	raw, err := a.rdb.Get(ctx, a.c.dataKey(0, "k")).Bytes()
+	if err != nil || len(raw) == 0 {
+		t.Fatalf("after the replay Redis holds %x, %v; want a tombstone", raw, err)
+	}
+	if _, _, found, err := a.c.decode(raw); err != nil || found {
+		t.Fatalf("after the replay the key decodes as found=%v err=%v; want a tombstone", found, err)
+	}
+}
+
+// Row "Redis down" for one instance only: A is cut off while B keeps
+// working. A's failed deletes overflow its outbox, which degrades to a
+// namespace flush; when A comes back, the flush reaches B, whose L1 held the
+// values A meant to delete.
+func TestFailure_CutOffOutboxOverflowFlushes(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	bo := faultBus
+	bo.OutboxLimit = 5
+	a, p := proxied[string](t, s, ns, opts, bo)
+	b := direct[string](t, s, ns, opts, faultBus)
+	ctx := ctxT(t)
+	for i := range 10 {
+		k := "k" + strconv.Itoa(i)
+		if err := b.c.Set(ctx, k, "old", 0); err != nil {
+			t.Fatal(err)
+		}
+		mustGet(t, b.c, k, "old", "B")
+		mustGet(t, b.c, k, "old", "B from L1")
+	}
+	p.Refuse(true)
+	p.Cut()
+	for i := range 10 {
+		if err := a.c.Delete(ctx, "k"+strconv.Itoa(i)); err == nil {
+			t.Fatal("Delete from a cut-off instance returned nil")
+		}
+	}
+	st := a.bus.Stats()
+	if st.Overflows != 1 || st.OutboxDepth != 1 {
+		t.Fatalf("outbox after 10 deletes with limit 5: overflows %d depth %d; want a single flush", st.Overflows, st.OutboxDepth)
+	}
+	mustGet(t, b.c, "k3", "old", "B while A is cut off")
+	bApplied := applied(b.c)
+	p.Refuse(false)
+	waitLiveT(t, a.bus, 5*time.Second)
+	await(t, bApplied, "B applying A's replayed flush")
+	for i := range 10 {
+		if _, ok, err := b.c.Get(ctx, "k"+strconv.Itoa(i)); err != nil || ok {
+			t.Fatalf("B after the flush: k%d ok %v err %v; want a miss", i, ok, err)
+		}
+	}
+}
+
+// The live mode switch: SetMode(ModeMemory) stops using Redis; writes made
+// meanwhile are invalidated fleet-wide through the outbox, so no instance
+// serves what they replaced; switching back voids L1.
+func TestSetMode(t *testing.T) {
+	s := redistest.Shared(t)
+	ns := namespace(t)
+	a := direct[string](t, s, ns, Options{}, faultBus)
+	b := direct[string](t, s, ns, Options{}, faultBus)
+	ctx := ctxT(t)
+	if err := a.c.Set(ctx, "k", "v1", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "k", "v1", "B")
+	mustGet(t, b.c, "k", "v1", "B from L1")
+
+	if err := a.c.SetMode(ModeMemory); err != nil {
+		t.Fatal(err)
+	}
+	if a.c.CurrentMode() != ModeMemory || a.c.Stats().Type != "memory" || a.c.Health(ctx).Status != "degraded" {
+		t.Fatalf("after SetMode(memory): mode %v, stats type %q, health %q", a.c.CurrentMode(), a.c.Stats().Type, a.c.Health(ctx).Status)
+	}
+	if _, ok, _ := a.c.Get(ctx, "k"); ok {
+		t.Fatal("memory mode read Redis (or kept the tiered L1)")
+	}
+	bApplied := applied(b.c)
+	if err := a.c.Set(ctx, "k", "v2", 0); err != nil {
+		t.Fatalf("Set in memory mode: %v", err)
+	}
+	mustGet(t, a.c, "k", "v2", "A from its memory-only L1")
+	await(t, bApplied, "B applying the outbox's invalidation")
+	if v, ok, err := b.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("B after A's memory-mode write = %q, %v, %v; want a miss, never v1", v, ok, err)
+	}
+
+	if err := a.c.SetMode(ModeTiered); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := a.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("A back in tiered mode: ok %v err %v; want a miss (L1 voided, Redis holds a tombstone)", ok, err)
+	}
+	if a.c.Health(ctx).Status != "ok" {
+		t.Fatal("health still degraded after switching back")
+	}
+
+	if err := a.c.SetMode(ModeRedis); err == nil {
+		t.Fatal("SetMode(ModeRedis) succeeded")
+	}
+	m, err := New[string](namespace(t), nil, nil, Options{Mode: ModeMemory})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.SetMode(ModeTiered); err == nil {
+		t.Fatal("a ModeMemory cache switched to tiered without a Redis client")
+	}
+}
+
+func TestNewRejectsClientWithoutContextTimeouts(t *testing.T) {
+	o := srv.Options()
+	o.ContextTimeoutEnabled = false
+	rdb := redis.NewClient(o)
+	defer rdb.Close()
+	if _, err := New[string](namespace(t), rdb, nil, Options{Mode: ModeRedis}); !errors.Is(err, ErrContextTimeouts) && err == nil {
+		t.Fatalf("New with ContextTimeoutEnabled false: %v", err)
+	}
+	bus := newBus(t, srv, srv.Client(t), invalidate.Options{})
+	if _, err := New[string](namespace(t), rdb, bus, Options{}); !errors.Is(err, ErrContextTimeouts) {
+		t.Fatalf("New with ContextTimeoutEnabled false: %v, want ErrContextTimeouts", err)
+	}
+}
+
+func TestRedisOptions(t *testing.T) {
+	o, err := RedisOptions("rediss://app:s3cret@cache.example:6380/2", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.Username != "app" || o.Password != "s3cret" || o.DB != 2 || o.TLSConfig == nil || o.Addr != "cache.example:6380" {
+		t.Fatalf("parsed %+v", o)
+	}
+	if !o.ContextTimeoutEnabled || o.DialTimeout != time.Second || o.MaxRetries != -1 || o.PoolTimeout > 200*time.Millisecond {
+		t.Fatalf("cache settings not applied: %+v", o)
+	}
+	_, err = RedisOptions("http://app:s3cret@host", 0)
+	if err == nil {
+		t.Fatal("an http URL was accepted")
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Fatalf("the error echoes the password: %v", err)
+	}
+}
