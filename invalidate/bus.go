@@ -130,6 +130,15 @@ type Handler interface {
 	Resync(ctx context.Context) error
 }
 
+// FlushResyncer is implemented by handlers that can apply an authenticated
+// flush on their own: re-read the namespace's generation from Redis (the
+// message's generation is not covered by the tag) and void their own L1.
+// Without it, a Bus with a Secret calls Resync and voids every namespace's
+// L1 (a new epoch).
+type FlushResyncer interface {
+	FlushResync(ctx context.Context) error
+}
+
 // namespaceLimit is the longest namespace a message can carry.
 const namespaceLimit = 255
 
@@ -514,17 +523,39 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 	if err != nil {
 		return wasLive, fmt.Errorf("subscribe: %w", err)
 	}
+	// The stream is dead after HeartbeatTimeout of silence, or when a ping
+	// goes unanswered for HeartbeatTimeout. A ping goes out every
+	// HeartbeatInterval whether or not messages flow, so a stream that
+	// still delivers but lags (a slow link, a backlog in Redis's output
+	// buffer) is caught as well: its pongs come late, while its late
+	// messages would keep a silence check happy.
 	heard := time.Now()
-	pingSent := false
+	lastPing := heard
+	var pingAt time.Time // when the unanswered ping was sent; zero: none
 	for {
-		wait := b.opts.HeartbeatInterval
-		if pingSent {
-			wait = b.opts.HeartbeatTimeout - time.Since(heard)
-		}
-		if wait <= 0 {
+		now := time.Now()
+		if now.Sub(heard) >= b.opts.HeartbeatTimeout {
 			return wasLive, errors.New("heartbeat timeout")
 		}
-		msg, err := ps.ReceiveTimeout(ctx, wait)
+		if !pingAt.IsZero() && now.Sub(pingAt) >= b.opts.HeartbeatTimeout {
+			return wasLive, errors.New("heartbeat timeout: ping unanswered (stream lagging)")
+		}
+		if pingAt.IsZero() && now.Sub(lastPing) >= b.opts.HeartbeatInterval {
+			pctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatInterval)
+			err := ps.Ping(pctx)
+			cancel()
+			if err != nil {
+				return wasLive, fmt.Errorf("ping: %w", err)
+			}
+			pingAt, lastPing = now, now
+		}
+		wait := b.opts.HeartbeatTimeout - time.Since(heard)
+		if pingAt.IsZero() {
+			wait = min(wait, b.opts.HeartbeatInterval-time.Since(lastPing))
+		} else {
+			wait = min(wait, b.opts.HeartbeatTimeout-time.Since(pingAt))
+		}
+		msg, err := ps.ReceiveTimeout(ctx, max(wait, time.Millisecond))
 		if err != nil {
 			if ctx.Err() != nil {
 				return wasLive, ctx.Err()
@@ -533,23 +564,13 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 			if !errors.As(err, &ne) || !ne.Timeout() {
 				return wasLive, fmt.Errorf("receive: %w", err)
 			}
-			if time.Since(heard) >= b.opts.HeartbeatTimeout {
-				return wasLive, errors.New("heartbeat timeout")
-			}
-			if !pingSent {
-				pctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatInterval)
-				err := ps.Ping(pctx)
-				cancel()
-				if err != nil {
-					return wasLive, fmt.Errorf("ping: %w", err)
-				}
-				pingSent = true
-			}
 			continue
 		}
 		heard = time.Now()
-		pingSent = false
 		b.lastHeard.Store(heard.UnixNano())
+		if _, ok := msg.(*redis.Pong); ok {
+			pingAt = time.Time{}
+		}
 		switch m := msg.(type) {
 		case *redis.Subscription:
 			if m.Kind != "subscribe" && m.Kind != "ssubscribe" {
@@ -656,14 +677,18 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		// generation from Redis, and a new epoch voids every L1 entry
 		// filled before (a flush is rare; see docs/wire.md, 4.1).
 		rctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
-		err := h.Resync(rctx)
+		var err error
+		if fr, ok := h.(FlushResyncer); ok {
+			err = fr.FlushResync(rctx) // voids this namespace only
+		} else if err = h.Resync(rctx); err == nil {
+			b.stateMu.Lock()
+			b.epoch.Add(2)
+			b.stateMu.Unlock()
+		}
 		cancel()
 		if err != nil {
 			return fmt.Errorf("resync after an authenticated flush: %w", err)
 		}
-		b.stateMu.Lock()
-		b.epoch.Add(2)
-		b.stateMu.Unlock()
 	}
 	b.applied.Add(1)
 	return nil

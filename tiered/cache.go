@@ -731,6 +731,29 @@ func (h handler[V]) Flush(gen uint64) {
 	}
 }
 
+// FlushResync applies a flush received under a Bus Secret: the generation
+// is read from Redis (the message's is not authenticated), then the
+// namespace's L1 is voided.
+func (h handler[V]) FlushResync(ctx context.Context) error {
+	leave, err := h.c.enter()
+	if err != nil {
+		return nil
+	}
+	defer leave()
+	if !h.c.opts.PlainJSON {
+		if err := h.c.resync(ctx); err != nil {
+			return err
+		}
+	}
+	h.c.invalidateAll()
+	if h.c.afterApply != nil {
+		h.c.afterApply()
+	}
+	return nil
+}
+
+var _ invalidate.FlushResyncer = handler[int]{}
+
 func (h handler[V]) Resync(ctx context.Context) error {
 	leave, err := h.c.enter()
 	if err != nil {

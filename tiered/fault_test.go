@@ -449,3 +449,57 @@ func TestRedisOptions(t *testing.T) {
 		t.Fatalf("the error echoes the password: %v", err)
 	}
 }
+
+// TestSecretClearVoidsOneNamespace: under a Bus Secret a received flush's
+// generation is re-read from Redis (the tag cannot cover it), and only the
+// flushed namespace's L1 is voided; another namespace on the same Bus keeps
+// serving from L1.
+func TestSecretClearVoidsOneNamespace(t *testing.T) {
+	s := redistest.Shared(t)
+	bo := invalidate.Options{Secret: []byte("0123456789abcdef-shared-secret")}
+	opts := Options{KeyPrefix: s.Prefix()}
+	ns1, ns2 := namespace(t), namespace(t)
+	type pair struct{ one, two *Cache[string] }
+	mk := func() pair {
+		rdb := s.Client(t)
+		bus := newBus(t, s, rdb, bo)
+		var p pair
+		var err error
+		if p.one, err = New[string](ns1, rdb, bus, opts); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.one.Close() })
+		if p.two, err = New[string](ns2, rdb, bus, opts); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.two.Close() })
+		return p
+	}
+	a, b := mk(), mk()
+	ctx := ctxT(t)
+	for _, c := range []*Cache[string]{a.one, a.two} {
+		if err := c.Set(ctx, "k", "v", 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []*Cache[string]{b.one, b.two} {
+		mustGet(t, c, "k", "v", "B before the clear")
+		mustGet(t, c, "k", "v", "B from L1")
+	}
+	flushed := applied(b.one)
+	if err := a.one.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	await(t, flushed, "B applying the authenticated flush")
+	if _, ok, err := b.one.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("B's cleared namespace: ok %v err %v; want a miss", ok, err)
+	}
+	if b.one.nsGen.Load() != a.one.nsGen.Load() {
+		t.Fatalf("B's generation %d, A's %d: the flush did not resync it", b.one.nsGen.Load(), a.one.nsGen.Load())
+	}
+	hits := b.two.Stats().L1.Hits
+	mustGet(t, b.two, "k", "v", "B's other namespace")
+	if b.two.Stats().L1.Hits != hits+1 {
+		t.Fatal("the other namespace's L1 was voided by the flush")
+	}
+}
