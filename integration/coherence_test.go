@@ -30,6 +30,23 @@ var phases = []phaseSpec{
 	{name: "slow-l2-150ms", fault: slowL2(150 * time.Millisecond)},
 	{name: "cut-off-blackhole", fault: cutOff(true)},
 	{name: "cut-off-refused", fault: cutOff(false)},
+	{name: "lagging-link", fault: lagging(230 * time.Millisecond)},
+}
+
+// lagging slows the last instance's link by d per chunk each way, just
+// under HeartbeatTimeout, while the others keep writing; it only reads.
+// Its stream keeps delivering, late and later (chunks queue behind each
+// other), so silence alone never shows; its pongs come late, and that is
+// what must end its trust in L1.
+func lagging(d time.Duration) func(*testing.T, context.Context, *redistest.Server, *Fleet, time.Duration) {
+	return func(t *testing.T, ctx context.Context, _ *redistest.Server, f *Fleet, window time.Duration) {
+		in := f.Instances()[len(f.Instances())-1]
+		in.SetWritable(false)
+		defer in.SetWritable(true)
+		in.Proxy.SetLatency(d)
+		defer in.Proxy.SetLatency(0)
+		hold(ctx, window)
+	}
 }
 
 // killPubSub runs CLIENT KILL TYPE pubsub every 300 ms: every Bus loses its
