@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -76,7 +77,12 @@ type Group[T any] struct {
 	runs   map[*run]struct{} // in progress, for Close
 	closed bool
 	wg     sync.WaitGroup
+	joined atomic.Uint64
 }
+
+// Joined is how many callers joined a run already in flight instead of
+// starting their own.
+func (g *Group[T]) Joined() uint64 { return g.joined.Load() }
 
 // New returns an empty Group.
 func New[T any]() *Group[T] {
@@ -101,6 +107,7 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 	if ok {
 		c.waiters++
 		c.run.waiters++
+		g.joined.Add(1)
 	} else {
 		c = &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 		g.calls[key] = c
@@ -242,6 +249,7 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 		if ok {
 			c.waiters++
 			c.run.waiters++
+			g.joined.Add(1)
 		} else {
 			c = &call[T]{key: k, done: make(chan struct{}), waiters: 1}
 			g.calls[k] = c

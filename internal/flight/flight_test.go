@@ -131,6 +131,9 @@ func TestDoCollapsesConcurrentCallers(t *testing.T) {
 	if got := g.InFlight(); got != 0 {
 		t.Errorf("InFlight() after run = %d, want 0", got)
 	}
+	if got := g.Joined(); got != n-1 {
+		t.Errorf("Joined() = %d, want %d (every caller but the first)", got, n-1)
+	}
 }
 
 func TestDoSingleCallerNotShared(t *testing.T) {
