@@ -15,6 +15,10 @@ import (
 	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // Defaults for Options.
@@ -71,6 +75,11 @@ type Options struct {
 	// probes Redis again in the background. Zero means
 	// DefaultBreakerCooldown.
 	BreakerCooldown time.Duration
+
+	// MeterProvider and TracerProvider receive the Bus's telemetry (see
+	// package metrics). Nil means the global providers.
+	MeterProvider  metric.MeterProvider
+	TracerProvider trace.TracerProvider
 
 	// OutboxLimit bounds the keys kept in the outbox (see [Bus.Defer]);
 	// beyond it a namespace degrades to a flush. Zero means
@@ -192,6 +201,9 @@ type Bus struct {
 	seq       atomic.Uint64
 
 	received, applied, own, ignored, malformed, rejected, reconnects atomic.Uint64
+	resets                                                           atomic.Uint64 // epoch changes
+
+	tel *metrics.Bus
 
 	mu       sync.RWMutex
 	handlers map[string]*registration
@@ -239,6 +251,10 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 		return nil, fmt.Errorf("invalidate: instance id: %w", err)
 	}
 	b.epoch.Store(1) // dead until the first subscription is confirmed
+	b.tel, err = metrics.NewBus(metrics.Providers{Meter: opts.MeterProvider, Tracer: opts.TracerProvider}, b.telemetry)
+	if err != nil {
+		return nil, fmt.Errorf("invalidate: telemetry: %w", err)
+	}
 	go b.run()
 	go b.outboxLoop()
 	return b, nil
@@ -390,6 +406,7 @@ type Stats struct {
 	Deferred      uint64 // invalidations put in the outbox
 	Replayed      uint64 // invalidations replayed from it
 	Overflows     uint64 // times a namespace degraded to a flush because the outbox was full
+	Resets        uint64 // epoch changes: each voided every namespace's L1 here
 }
 
 // Stats returns the Bus's counters.
@@ -399,7 +416,23 @@ func (b *Bus) Stats() Stats {
 		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(),
 		CircuitOpen: b.open.Load(), CircuitOpens: b.opens.Load(), CircuitCloses: b.closes.Load(),
 		OutboxDepth: b.OutboxDepth(), Deferred: b.deferred.Load(), Replayed: b.replayed.Load(), Overflows: b.overflows.Load(),
+		Resets: b.resets.Load(),
 	}
+}
+
+// telemetry is the Bus's figures for its observable instruments.
+func (b *Bus) telemetry() metrics.BusSnapshot {
+	st := b.Stats()
+	s := metrics.BusSnapshot{
+		Live: st.Live, Reconnects: st.Reconnects, Resets: st.Resets, Received: st.Received,
+		Applied: st.Applied, Own: st.Own, Ignored: st.Ignored, Malformed: st.Malformed, Rejected: st.Rejected,
+		CircuitOpen: st.CircuitOpen, CircuitOpens: st.CircuitOpens, OutboxDepth: st.OutboxDepth,
+		Deferred: st.Deferred, Replayed: st.Replayed, Overflows: st.Overflows, HeartbeatTimeout: b.opts.HeartbeatTimeout,
+	}
+	if !st.LastHeard.IsZero() {
+		s.SinceHeard = time.Since(st.LastHeard)
+	}
+	return s
 }
 
 // Close stops the receive goroutine, waits for it and closes the
@@ -421,6 +454,7 @@ func (b *Bus) Close() error {
 		b.psMu.Unlock()
 		<-b.done
 		<-b.obDone
+		b.tel.Close()
 	})
 	return nil
 }
@@ -444,6 +478,7 @@ func (b *Bus) updateEpochLocked() {
 		return
 	}
 	b.epoch.Store(e + 1)
+	b.resets.Add(1)
 	if live {
 		b.liveMu.Lock()
 		close(b.liveCh)
@@ -643,6 +678,7 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		// a gap in the stream, without leaving the live state.
 		b.stateMu.Lock()
 		b.epoch.Add(2)
+		b.resets.Add(1)
 		b.stateMu.Unlock()
 		return nil
 	}
@@ -665,6 +701,7 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		return nil
 	}
 	h := r.h
+	b.tel.Lag(ctx, time.Duration(time.Now().UnixNano()-m.Time))
 	switch {
 	case m.Kind == KindKeys:
 		h.Invalidate(m.Keys)
@@ -683,6 +720,7 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		} else if err = h.Resync(rctx); err == nil {
 			b.stateMu.Lock()
 			b.epoch.Add(2)
+			b.resets.Add(1)
 			b.stateMu.Unlock()
 		}
 		cancel()

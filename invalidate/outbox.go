@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"sort"
 	"time"
+
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // DefaultOutboxLimit is the default for Options.OutboxLimit.
@@ -166,8 +168,9 @@ func (b *Bus) replay(ctx context.Context) error {
 	if len(jobs) == 0 {
 		return nil
 	}
-
+	ctx, span := b.tel.Span(ctx, "tiercache.outbox.replay")
 	var firstErr error
+	defer func() { metrics.End(span, firstErr) }()
 	for _, j := range jobs {
 		b.mu.RLock()
 		r := b.handlers[j.ns]

@@ -12,6 +12,7 @@ import (
 	"github.com/tiercache/tiercache/internal/flight"
 
 	"github.com/tiercache/tiercache/invalidate"
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // batchLimit is how many keys one write transaction carries; larger
@@ -21,7 +22,7 @@ const batchLimit = 1000
 // GetMany returns the values stored under keys; missing keys are absent from
 // the map. L1 hits are served first; the rest are read from Redis in one
 // pipelined round trip. On error the map holds what was found before it.
-func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, error) {
+func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, err error) {
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err
 	}
@@ -43,6 +44,8 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 	if err := ctx.Err(); err != nil {
 		return out, err
 	}
+	start := time.Now()
+	defer func() { c.tel.Op(ctx, metrics.OpGetMany, start, err) }()
 	// Through the flight group, key by key: a key another call is already
 	// reading is joined rather than read again, so no two fills of one key
 	// race in L1 (which could leave the older value there).
@@ -61,7 +64,8 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (map[string]V, er
 		}
 		return c.readL2(ctx, keys, ss)
 	})
-	return out, c.collect(out, missing, results)
+	err = c.collect(out, missing, results)
+	return out, err
 }
 
 // l1Many answers what it can of keys from L1 and returns the keys left for
@@ -183,7 +187,11 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 		c.deferKeys(keys) // SetMode(ModeMemory): Redis must not keep what these replaced
 		return nil
 	}
-	err = c.write(ctx, keys, func(i int) ([]byte, time.Duration) { return payloads[i], c.jitter(ttl) })
+	op := metrics.OpSet
+	if len(keys) != 1 {
+		op = metrics.OpSetMany
+	}
+	err = c.write(ctx, op, keys, func(i int) ([]byte, time.Duration) { return payloads[i], c.jitter(ttl) })
 	if err != nil && c.l1 != nil && degraded(c.snap(0)) && c.opts.DegradedL1TTL > 0 {
 		// Redis is unhealthy: serve what was written from L1 for the
 		// degraded bound (automatic memory-only operation); the outbox
@@ -212,7 +220,11 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 		c.deferKeys(keys)
 		return nil
 	}
-	return c.write(ctx, keys, c.deleteItem)
+	op := metrics.OpDelete
+	if len(keys) != 1 {
+		op = metrics.OpDeleteMany
+	}
+	return c.write(ctx, op, keys, c.deleteItem)
 }
 
 // deleteItem is what a delete writes: a tombstone, or in plain-JSON mode
@@ -237,10 +249,11 @@ func (c *Cache[V]) deleteItem(int) ([]byte, time.Duration) {
 // in the Bus's outbox: Redis may hold the values it meant to replace, and
 // other instances may still serve them, until the outbox's replay deletes
 // and invalidates them.
-func (c *Cache[V]) write(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) error {
-	err := c.admit()
+func (c *Cache[V]) write(ctx context.Context, op string, keys []string, item func(int) ([]byte, time.Duration)) (err error) {
+	start := time.Now()
+	defer func() { c.tel.Op(ctx, op, start, err) }()
+	err = c.admit()
 	if err == nil {
-		start := time.Now()
 		err = c.writeRedis(ctx, keys, item)
 		c.report(start, err)
 		if err == nil {
@@ -257,7 +270,9 @@ func (c *Cache[V]) write(ctx context.Context, keys []string, item func(int) ([]b
 
 // writeRedis is write without the breaker and the outbox: the outbox's
 // replay uses it too.
-func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) error {
+func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) (err error) {
+	ctx, span := c.tel.Span(ctx, "tiercache.l2.write", "MULTI", len(keys))
+	defer func() { metrics.End(span, err) }()
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))
@@ -291,6 +306,7 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int)
 			errs = append(errs, fmt.Errorf("tiered: write %d keys: %w", len(part), err))
 		} else {
 			c.st.writes.Add(uint64(len(part)))
+			c.st.published.Add(1)
 		}
 		for _, k := range part {
 			c.invalidateLocal(k)

@@ -19,6 +19,7 @@ import (
 	"github.com/tiercache/tiercache/internal/flight"
 	"github.com/tiercache/tiercache/internal/wire"
 	"github.com/tiercache/tiercache/invalidate"
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // stripeCount is the number of invalidation counters per cache. A key's
@@ -97,7 +98,8 @@ type Cache[V any] struct {
 	closeOnce sync.Once
 	start     time.Time
 
-	st counters
+	st  counters
+	tel *metrics.Cache
 
 	// afterL2Read, when set by a test, runs between an L2 read and the L1
 	// store of its result: the seam for forcing fill races.
@@ -181,6 +183,11 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			return nil, fmt.Errorf("tiered: L1: %w", err)
 		}
 		c.clk = startClock(&c.now)
+	}
+	c.tel, err = metrics.NewCache(metrics.Providers{Meter: opts.MeterProvider, Tracer: opts.TracerProvider}, name, c.telemetry)
+	if err != nil {
+		c.teardown()
+		return nil, fmt.Errorf("tiered: telemetry: %w", err)
 	}
 	if c.bus != nil {
 		// Register before reading the generation, so a flush published
@@ -279,6 +286,8 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if err := ctx.Err(); err != nil {
 		return v, false, err
 	}
+	start := time.Now()
+	defer func() { c.tel.Op(ctx, metrics.OpGet, start, err) }()
 	// The snapshot is taken before the flight exists (see readL2).
 	snap := c.snap(hashKey(key))
 	// An L2 read is one short round trip: run it on this goroutine unless
@@ -323,6 +332,8 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 	if len(keys) == 0 {
 		return nil, nil
 	}
+	ctx, span := c.tel.Span(ctx, "tiercache.l2.get_many", "PIPELINE", len(keys))
+	defer func() { metrics.End(span, err) }()
 	gen, err := c.generation(ctx, snaps[0])
 	if err != nil {
 		return nil, err
@@ -358,6 +369,8 @@ func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (_ readR
 		return readResult[V]{}, err
 	}
 	defer func(start time.Time) { c.report(start, err) }(time.Now())
+	ctx, span := c.tel.Span(ctx, "tiercache.l2.get", "PIPELINE", 1)
+	defer func() { metrics.End(span, err) }()
 	gen, err := c.generation(ctx, s)
 	if err != nil {
 		return readResult[V]{}, err
@@ -559,7 +572,7 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if err := c.admit(); err != nil {
 		return false, err
 	}
-	defer func(start time.Time) { c.report(start, err) }(time.Now())
+	defer func(start time.Time) { c.report(start, err); c.tel.Op(ctx, metrics.OpExists, start, err) }(time.Now())
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))
@@ -606,6 +619,7 @@ func (c *Cache[V]) invalidateLocal(key string) {
 // invalidateLocal).
 func (c *Cache[V]) invalidateAll() {
 	c.flights.ForgetAll(func() { c.nsEpoch.Add(1) })
+	c.st.l1Flushes.Add(1)
 }
 
 // checkKeys is checkKey for a batch: one bad key fails it all, before
@@ -691,6 +705,7 @@ func (c *Cache[V]) teardown() {
 	if c.unregister != nil {
 		c.unregister()
 	}
+	c.tel.Close()
 	c.flights.Close()
 	if c.l1 != nil {
 		c.l1.Close()

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // clearScript bumps the namespace generation and publishes the flush
@@ -44,12 +46,13 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 		}
 		return nil
 	}
+	start := time.Now()
 	err = c.admit()
 	if err == nil {
-		start := time.Now()
 		err = c.clearRedis(ctx)
 		c.report(start, err)
 	}
+	c.tel.Op(ctx, metrics.OpClear, start, err)
 	if err != nil {
 		c.st.errors.Add(1)
 		c.bus.DeferFlush(c.name)
@@ -58,11 +61,13 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 }
 
 // clearRedis is Clear's round trip, without the breaker and the outbox.
-func (c *Cache[V]) clearRedis(ctx context.Context) error {
+func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	if c.opts.PlainJSON {
 		_, err := c.deletePattern(ctx, "*", true)
 		return err
 	}
+	ctx, span := c.tel.Span(ctx, "tiercache.l2.clear", "EVALSHA", 0)
+	defer func() { metrics.End(span, err) }()
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	prefix, err := c.bus.FlushMessagePrefix(c.name)
@@ -106,6 +111,7 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	start := time.Now()
 	n, err := c.deletePattern(ctx, pattern, false)
 	c.report(start, err)
+	c.tel.Op(ctx, metrics.OpDeletePattern, start, err)
 	if err != nil {
 		c.bus.DeferFlush(c.name)
 	}

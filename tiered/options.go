@@ -3,6 +3,8 @@ package tiered
 import (
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"strings"
 	"time"
 
@@ -189,6 +191,13 @@ type Options struct {
 	// HeartbeatTimeout, the bound that holds for every other fault;
 	// negative means nothing is kept in L1 while degraded.
 	DegradedL1TTL time.Duration
+
+	// MeterProvider and TracerProvider receive the cache's telemetry (see
+	// package metrics and the README's table of instruments). Nil means
+	// the global providers. Nothing is recorded on an L1 hit: its counters
+	// are exported by observable instruments at collection time.
+	MeterProvider  metric.MeterProvider
+	TracerProvider trace.TracerProvider
 
 	// CommandTimeout bounds each Redis round trip the cache makes on a
 	// caller's behalf, in addition to the caller's ctx. Zero means

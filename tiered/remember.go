@@ -13,6 +13,7 @@ import (
 
 	"github.com/tiercache/tiercache/internal/flight"
 	"github.com/tiercache/tiercache/internal/wire"
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // ErrNotFound is what a Loader returns to say "absent at the source". The
@@ -172,6 +173,14 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 	if err := ctx.Err(); err != nil {
 		return v, err
 	}
+	start := time.Now()
+	defer func() {
+		if !errors.Is(err, ErrNotFound) {
+			c.tel.Op(ctx, metrics.OpRemember, start, err)
+		} else {
+			c.tel.Op(ctx, metrics.OpRemember, start, nil)
+		}
+	}()
 	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
 	r, err, _ := c.flights.Do(ctx, rememberKey(key), c.opts.LoadTimeout, func(ctx context.Context) (readResult[V], error) {
 		if c.flightStart != nil {
@@ -179,15 +188,15 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		}
 		return c.readThrough(ctx, key, snap, load, 0)
 	})
+	// Errors here are the loader's (Redis failures go to the loader
+	// instead), counted by callLoader, or the caller's ctx.
 	var pe *flight.PanicError
 	switch {
 	case err != nil && c.closing.Load():
 		return v, ErrClosed
 	case errors.As(err, &pe):
-		c.st.errors.Add(1)
 		return v, &PanicError{Value: pe.Value, Stack: pe.Stack}
 	case err != nil:
-		c.st.errors.Add(1)
 		return v, err
 	case r.negative:
 		return v, ErrNotFound
@@ -228,7 +237,8 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 		var dk string
 		if err == nil {
 			start := time.Now()
-			l2ctx, cancel := c.opCtx(ctx)
+			sctx, span := c.tel.Span(ctx, "tiercache.l2.get", "PIPELINE", 1)
+			l2ctx, cancel := c.opCtx(sctx)
 			gen, err = c.generation(l2ctx, s)
 			if err == nil {
 				dk = c.dataKey(gen, key)
@@ -239,6 +249,11 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			}
 			cancel()
 			c.report(start, err)
+			if errors.Is(err, redis.Nil) {
+				metrics.End(span, nil)
+			} else {
+				metrics.End(span, err)
+			}
 		}
 		if err != nil && !errors.Is(err, redis.Nil) {
 			// Redis cannot answer (or the circuit is open); the source
@@ -284,7 +299,9 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	}
 	if c.opts.Lease && !noStore {
 		start := time.Now()
-		r, done, release, err := c.lease(ctx, key, gen, s, &expect)
+		lctx, span := c.tel.Span(ctx, "tiercache.lease", "SET", 1)
+		r, done, release, err := c.lease(lctx, key, gen, s, &expect)
+		metrics.End(span, err)
 		if err != nil && ctx.Err() == nil {
 			// Redis failed under the lease: the source can still answer.
 			c.report(start, err)
@@ -296,8 +313,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 		defer release()
 	}
 	started := time.Now()
-	v, err := load(ctx, key)
-	c.st.loads.Add(1)
+	v, err := c.callLoader(ctx, key, load)
 	switch {
 	case errors.Is(err, ErrNotFound):
 		if !noStore && c.opts.NegativeTTL > 0 {
@@ -314,6 +330,76 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	}
 	return readResult[V]{val: v, found: true}, nil
 }
+
+// callLoader calls load for key, counted, timed and traced. A panic goes on
+// up to the flight, which turns it into a PanicError, after being counted.
+func (c *Cache[V]) callLoader(ctx context.Context, key string, load Loader[V]) (v V, err error) {
+	start := time.Now()
+	ctx, span := c.tel.Span(ctx, "tiercache.load", "", 1)
+	result := "panic"
+	defer func() {
+		c.st.loads.Add(1)
+		switch result {
+		case "ok":
+			c.st.loadOK.Add(1)
+		case "not_found":
+			c.st.loadNotFound.Add(1)
+		default:
+			c.st.loadErr.Add(1)
+		}
+		c.tel.Load(ctx, start, result)
+		switch result {
+		case "panic":
+			metrics.End(span, errLoaderPanic)
+		case "not_found":
+			metrics.End(span, nil) // an answer, not a failure
+		default:
+			metrics.End(span, err)
+		}
+	}()
+	v, err = load(ctx, key)
+	switch {
+	case err == nil:
+		result = "ok"
+	case errors.Is(err, ErrNotFound):
+		result = "not_found"
+	default:
+		result = "error"
+	}
+	return v, err
+}
+
+// callBatchLoader is callLoader for a BatchLoader.
+func (c *Cache[V]) callBatchLoader(ctx context.Context, keys []string, load BatchLoader[V]) (vals map[string]V, err error) {
+	start := time.Now()
+	ctx, span := c.tel.Span(ctx, "tiercache.load", "", len(keys))
+	result := "panic"
+	defer func() {
+		c.st.loads.Add(1)
+		switch result {
+		case "ok":
+			c.st.loadOK.Add(uint64(len(vals)))
+			c.st.loadNotFound.Add(uint64(len(keys) - min(len(keys), len(vals))))
+		default:
+			c.st.loadErr.Add(1)
+		}
+		c.tel.Load(ctx, start, result)
+		if result == "panic" {
+			metrics.End(span, errLoaderPanic)
+		} else {
+			metrics.End(span, err)
+		}
+	}()
+	vals, err = load(ctx, keys)
+	result = "ok"
+	if err != nil {
+		result = "error"
+	}
+	return vals, err
+}
+
+// errLoaderPanic marks a load span whose loader panicked.
+var errLoaderPanic = errors.New("tiered: loader panicked")
 
 // fillLoaded puts a loaded value that does not go to Redis into L1.
 func (c *Cache[V]) fillLoaded(key string, h uint64, s snapshot, v V) {
@@ -337,8 +423,7 @@ func (c *Cache[V]) fillLoaded(key string, h uint64, s snapshot, v V) {
 // is not kept, since instances whose writes fail cannot invalidate it.
 func (c *Cache[V]) loadDegraded(ctx context.Context, key string, h uint64, s snapshot, load Loader[V]) (readResult[V], error) {
 	c.st.degradedLoads.Add(1)
-	v, err := load(ctx, key)
-	c.st.loads.Add(1)
+	v, err := c.callLoader(ctx, key, load)
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return readResult[V]{negative: true}, nil
@@ -378,10 +463,12 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 			return
 		}
 		start := time.Now()
-		l2ctx, cancel := c.opCtx(ctx)
+		sctx, span := c.tel.Span(ctx, "tiercache.l2.fill", "EVALSHA", 1)
+		l2ctx, cancel := c.opCtx(sctx)
 		stored, err := fillScript.Run(l2ctx, c.rdb, []string{c.dataKey(gen, key)}, expect, raw, max(ttl.Milliseconds(), 1)).Int()
 		cancel()
 		c.report(start, err)
+		metrics.End(span, err)
 		if err != nil || stored == 0 {
 			if stored == 0 && err == nil {
 				c.st.fencedFills.Add(1)
@@ -443,7 +530,7 @@ type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, 
 // loading are joined, not loaded again, and single Remember calls join the
 // keys this call loads. Absent keys are left out of the result. On error
 // the map holds what was found before it.
-func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (map[string]V, error) {
+func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (_ map[string]V, err error) {
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err
 	}
@@ -465,6 +552,8 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 	if err := ctx.Err(); err != nil {
 		return out, err
 	}
+	start := time.Now()
+	defer func() { c.tel.Op(ctx, metrics.OpRememberMany, start, err) }()
 	fkeys := make([]string, len(missing))
 	snaps := make(map[string]snapshot, len(missing)) // before the flights exist (see readL2)
 	for i, k := range missing {
@@ -478,7 +567,8 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		}
 		return c.readThroughMany(ctx, keys, snaps, load)
 	})
-	return out, c.collect(out, missing, results)
+	err = c.collect(out, missing, results)
+	return out, err
 }
 
 // readThroughMany is readThrough for a batch: one pipeline to Redis, one
@@ -560,8 +650,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		return out, nil
 	}
 	started := time.Now()
-	vals, err := load(ctx, toLoad)
-	c.st.loads.Add(1)
+	vals, err := c.callBatchLoader(ctx, toLoad, load)
 	if err != nil {
 		return out, err
 	}

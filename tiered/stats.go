@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync/atomic"
 	"time"
+
+	"github.com/tiercache/tiercache/metrics"
 )
 
 // counters are the cache's own figures; each is touched only on slow paths
@@ -26,6 +28,23 @@ type counters struct {
 	degradedLoads         atomic.Uint64 // Remember answers the loader gave because Redis could not
 	degradedFills         atomic.Uint64 // L1 entries stored while the stream was untrusted
 	pendingSkips          atomic.Uint64 // reads that skipped Redis for a key in the outbox
+	loadOK, loadNotFound  atomic.Uint64 // loader calls by result
+	loadErr               atomic.Uint64 // (errors and panics)
+	published             atomic.Uint64 // invalidation messages published with writes
+	l1Flushes             atomic.Uint64 // whole-namespace L1 voids
+}
+
+// telemetry is the cache's figures for its observable instruments.
+func (c *Cache[V]) telemetry() metrics.CacheSnapshot {
+	st := c.Stats()
+	return metrics.CacheSnapshot{
+		L1Hits: st.L1.Hits, L1Misses: st.L1.Misses,
+		L2Hits: st.L2.Hits, L2Misses: st.L2.Misses, L2Errors: st.Errors,
+		LoaderHits: c.st.loadOK.Load(), LoaderNotFound: c.st.loadNotFound.Load(), LoaderErrors: c.st.loadErr.Load(),
+		StaleServed: st.StaleServed, FailSafe: st.FailSafe, DegradedLoads: st.DegradedLoads, Refused: st.Refused,
+		Joined: c.flights.Joined(), Published: c.st.published.Load(),
+		L1Keys: st.Keys, L1Cost: st.Memory, L1Evictions: st.Evictions, L1Flushes: c.st.l1Flushes.Load(),
+	}
 }
 
 // TierStats counts reads answered by one tier.
