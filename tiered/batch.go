@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -254,7 +255,7 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, item fun
 	defer func() { c.tel.Op(ctx, op, start, err) }()
 	err = c.admit()
 	if err == nil {
-		err = c.writeRedis(ctx, keys, item)
+		err = c.writeRedis(ctx, keys, item, true)
 		c.report(start, err)
 		if err == nil {
 			return nil
@@ -270,29 +271,47 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, item fun
 
 // writeRedis is write without the breaker and the outbox: the outbox's
 // replay uses it too.
-func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration)) (err error) {
+//
+// With local, the keys are voided in this process's L1 afterwards. A replay
+// passes false: what L1 holds now was read after the failed write (from the
+// loader, or written in memory mode) and is no older than what it replays.
+func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int) ([]byte, time.Duration), local bool) (err error) {
 	ctx, span := c.tel.Span(ctx, "tiercache.l2.write", "MULTI", len(keys))
 	defer func() { metrics.End(span, err) }()
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))
 	if err != nil {
-		for _, k := range keys {
-			c.invalidateLocal(k)
+		if local {
+			for _, k := range keys {
+				c.invalidateLocal(k)
+			}
 		}
 		return err
 	}
-	var errs []error
-	for start := 0; start < len(keys); start += batchLimit {
-		part := keys[start:min(start+batchLimit, len(keys))]
+	batches := c.batches(gen, keys)
+	errs := make([]error, len(batches))
+	one := func(bi int) {
+		idx := batches[bi]
+		part := make([]string, len(idx))
+		for i, j := range idx {
+			part[i] = keys[j]
+		}
+		defer func() {
+			if local {
+				for _, k := range part {
+					c.invalidateLocal(k)
+				}
+			}
+		}()
 		msg, err := c.bus.KeysMessage(c.name, part)
 		if err != nil {
-			errs = append(errs, err)
-			continue
+			errs[bi] = err
+			return
 		}
 		_, err = c.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			for i, k := range part {
-				payload, ttl := item(start + i)
+				payload, ttl := item(idx[i])
 				if payload == nil {
 					p.Del(ctx, c.dataKey(gen, k))
 				} else {
@@ -303,16 +322,63 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int)
 			return nil
 		})
 		if err != nil {
-			errs = append(errs, fmt.Errorf("tiered: write %d keys: %w", len(part), err))
-		} else {
-			c.st.writes.Add(uint64(len(part)))
-			c.st.published.Add(1)
+			errs[bi] = fmt.Errorf("tiered: write %d keys: %w", len(part), err)
+			return
 		}
-		for _, k := range part {
-			c.invalidateLocal(k)
+		c.st.writes.Add(uint64(len(part)))
+		c.st.published.Add(1)
+	}
+	if len(batches) == 1 {
+		one(0)
+	} else {
+		// A cluster's batches (one per slot) go out concurrently, a few
+		// at a time; each is still one atomic MULTI/EXEC.
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, 8)
+		for bi := range batches {
+			sem <- struct{}{}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				one(bi)
+			})
 		}
+		wg.Wait()
 	}
 	return errors.Join(errs...)
+}
+
+// batches splits keys (by index) into the write transactions that carry
+// them: at most batchLimit keys each and, in a cluster, keys of one slot
+// each, since a transaction may not span slots there. PUBLISH has no key and
+// rides along with any slot.
+func (c *Cache[V]) batches(gen uint64, keys []string) [][]int {
+	var out [][]int
+	if _, cluster := c.rdb.(*redis.ClusterClient); cluster && len(keys) > 1 {
+		bySlot := make(map[uint16][]int)
+		var order []uint16
+		for i, k := range keys {
+			s := keySlot(c.dataKey(gen, k))
+			if _, seen := bySlot[s]; !seen {
+				order = append(order, s)
+			}
+			bySlot[s] = append(bySlot[s], i)
+		}
+		for _, s := range order {
+			idx := bySlot[s]
+			for start := 0; start < len(idx); start += batchLimit {
+				out = append(out, idx[start:min(start+batchLimit, len(idx))])
+			}
+		}
+		return out
+	}
+	for start := 0; start < len(keys); start += batchLimit {
+		idx := make([]int, 0, min(batchLimit, len(keys)-start))
+		for i := start; i < min(start+batchLimit, len(keys)); i++ {
+			idx = append(idx, i)
+		}
+		out = append(out, idx)
+	}
+	return out
 }
 
 // setMemory stores a value in L1 in ModeMemory: invalidate first, so no

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -130,32 +131,52 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	if c.opts.PlainJSON {
 		before, after = c.opts.KeyPrefix, ""
 	}
+	var mu sync.Mutex // ForEachMaster runs masters concurrently
 	var keys []string
+	cc, cluster := c.rdb.(*redis.ClusterClient)
+	unlink := func(ctx context.Context, rdb redis.UniversalClient, batch []string) error {
+		if !cluster {
+			return rdb.Unlink(ctx, batch...).Err()
+		}
+		// A cluster node refuses a multi-key UNLINK across slots: one
+		// key per command, pipelined.
+		pipe := rdb.Pipeline()
+		for _, k := range batch {
+			pipe.Unlink(ctx, k)
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	}
 	scan := func(ctx context.Context, rdb redis.UniversalClient) error {
 		it := rdb.Scan(ctx, 0, match, 1000).Iterator()
 		var batch []string
+		flush := func() error {
+			if err := unlink(ctx, rdb, batch); err != nil {
+				return err
+			}
+			mu.Lock()
+			keys = append(keys, batch...)
+			mu.Unlock()
+			batch = batch[:0]
+			return nil
+		}
 		for it.Next(ctx) {
 			batch = append(batch, it.Val())
 			if len(batch) == 500 {
-				if err := rdb.Unlink(ctx, batch...).Err(); err != nil {
+				if err := flush(); err != nil {
 					return err
 				}
-				keys = append(keys, batch...)
-				batch = batch[:0]
 			}
 		}
 		if err := it.Err(); err != nil {
 			return err
 		}
 		if len(batch) > 0 {
-			if err := rdb.Unlink(ctx, batch...).Err(); err != nil {
-				return err
-			}
-			keys = append(keys, batch...)
+			return flush()
 		}
 		return nil
 	}
-	if cc, ok := c.rdb.(*redis.ClusterClient); ok {
+	if cluster {
 		err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { return scan(ctx, m) })
 	} else {
 		err = scan(ctx, c.rdb)

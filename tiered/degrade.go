@@ -132,7 +132,7 @@ func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error
 	if flush {
 		return c.clearRedis(ctx)
 	}
-	return c.writeRedis(ctx, keys, c.deleteItem)
+	return c.writeRedis(ctx, keys, c.deleteItem, false)
 }
 
 var _ invalidate.Replayer = handler[int]{}

@@ -106,10 +106,12 @@ func TestFleet_PubSubKilled(t *testing.T) {
 func TestFleet_SilentStreamBypassesL1(t *testing.T) {
 	s := redistest.Start(t)
 	bo := invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond}
-	f := newFleetBus[string](t, s, 1, Options{CommandTimeout: 100 * time.Millisecond}, bo)
+	f := newFleetBus[string](t, s, 1, Options{CommandTimeout: 250 * time.Millisecond}, bo)
 	c, bus := f[0].c, f[0].bus
 	ctx := ctxT(t)
-	_ = c.Set(ctx, "k", "v1", 0)
+	if err := c.Set(ctx, "k", "v1", 0); err != nil {
+		t.Fatal(err)
+	}
 	mustGet(t, c, "k", "v1", "fill")
 	mustGet(t, c, "k", "v1", "L1 hit")
 

@@ -723,8 +723,12 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 		case <-t.C:
 		}
 		l2ctx, cancel = c.opCtx(ctx)
+		// The lease first, then the value: a holder that stores and
+		// releases between the two is seen as done, never as gone
+		// without a result (which would start a second load).
 		pipe := c.rdb.Pipeline()
-		get, pttl, held := pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk), pipe.Exists(l2ctx, lk)
+		held := pipe.Exists(l2ctx, lk)
+		get, pttl := pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk)
 		_, err = pipe.Exec(l2ctx)
 		cancel()
 		if err != nil && !errors.Is(err, redis.Nil) {
