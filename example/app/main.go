@@ -3,7 +3,7 @@
 // two-tier cache kept coherent across instances. Run several behind a load
 // balancer, or let `make demo` run three and load them.
 //
-// Configuration comes from the environment (see server.Config): PORT,
+// Configuration comes from the environment (see server.Config): PORT, HOST,
 // REDIS_URL, REDIS_DB, REDIS_PASSWORD, REDIS_CONNECT_TIMEOUT,
 // REDIS_COMMAND_TIMEOUT, CACHE_TYPE (redis, memory, redis-only, off),
 // CACHE_L1_SIZE, CACHE_TTL, CACHE_L1_TTL, CACHE_BUS_SECRET, DATABASE_URL,
@@ -88,9 +88,9 @@ func run(cfg server.Config) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
+	ln, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
 	if err != nil {
-		return errors.Join(fmt.Errorf("PORT %d: %w", cfg.Port, err), srv.Close())
+		return errors.Join(fmt.Errorf("HOST %q, PORT %d: %w", cfg.Host, cfg.Port, err), srv.Close())
 	}
 	return srv.Serve(ctx, ln)
 }

@@ -24,6 +24,8 @@ const CacheOff = "off"
 type Config struct {
 	// Port is PORT: where the HTTP API listens. Default 8080.
 	Port int
+	// Host is HOST: the address to listen on. Default: every interface.
+	Host string
 	// InstanceID is INSTANCE_ID: names this instance in logs, responses
 	// (the X-Instance header) and stats. Default: host name and port.
 	InstanceID string
@@ -110,6 +112,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 	e := env{get: getenv}
 	c := Config{
 		Port:            e.int("PORT", DefaultPort, 1, 65535),
+		Host:            e.str("HOST", ""),
 		CacheType:       strings.ToLower(e.str("CACHE_TYPE", "redis")),
 		CommandTimeout:  e.duration("REDIS_COMMAND_TIMEOUT", DefaultCommandTimeout),
 		L1Size:          e.size("CACHE_L1_SIZE", DefaultL1Size),

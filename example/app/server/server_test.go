@@ -2,17 +2,12 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"database/sql"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -21,6 +16,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/tiercache/tiercache/example/internal/pgtest"
 	"github.com/tiercache/tiercache/internal/redistest"
 	"github.com/tiercache/tiercache/invalidate"
 )
@@ -473,66 +469,12 @@ type database struct {
 	env  map[string]string
 }
 
-// databases returns SQLite and, when one can be reached, PostgreSQL (a
-// fresh schema in the database TIERCACHE_TEST_DATABASE_URL names, by
-// default the local server's "test" database). Under CI PostgreSQL must
-// be there.
+// databases returns SQLite and, when one can be reached, PostgreSQL (see
+// pgtest.URL: under CI it must be there).
 func databases(t *testing.T) []database {
 	dbs := []database{{"sqlite", nil}}
-	if u, ok := postgresURL(t); ok {
+	if u, ok := pgtest.URL(t); ok {
 		dbs = append(dbs, database{"postgres", map[string]string{"DATABASE_URL": u}})
 	}
 	return dbs
-}
-
-// postgresURL creates a schema of its own for the test and returns a URL
-// whose connections use it; the schema is dropped when the test ends.
-func postgresURL(t *testing.T) (string, bool) {
-	t.Helper()
-	base := os.Getenv("TIERCACHE_TEST_DATABASE_URL")
-	if base == "" {
-		base = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
-	}
-	admin, err := sql.Open("pgx", base)
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err = admin.PingContext(ctx)
-		cancel()
-	}
-	if err != nil {
-		if admin != nil {
-			admin.Close()
-		}
-		msg := fmt.Sprintf("PostgreSQL at %s: %v (start one, or set TIERCACHE_TEST_DATABASE_URL)", redactURL(base), err)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Log("skipping the PostgreSQL case: " + msg)
-		return "", false
-	}
-	b := make([]byte, 6)
-	_, _ = rand.Read(b)
-	schema := "tc_example_" + hex.EncodeToString(b)
-	if _, err := admin.Exec("CREATE SCHEMA " + schema); err != nil {
-		admin.Close()
-		t.Fatalf("create schema: %v", err)
-	}
-	t.Cleanup(func() {
-		if _, err := admin.Exec("DROP SCHEMA " + schema + " CASCADE"); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-		admin.Close()
-	})
-	u, _ := url.Parse(base)
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
-	return u.String(), true
-}
-
-func redactURL(s string) string {
-	if u, err := url.Parse(s); err == nil {
-		return u.Redacted()
-	}
-	return "(unparsable URL)"
 }

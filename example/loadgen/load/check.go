@@ -35,8 +35,10 @@ type StaleRead struct {
 	Instance string  `json:"instance"`
 	StartMs  float64 `json:"startMs"`
 	Saw      int64   `json:"saw"`
-	Newer    int64   `json:"newer"`
-	LagMs    float64 `json:"lagMs"`
+	// Newer is the version of the earliest write, newer than Saw, that had
+	// returned: the lag runs from its return.
+	Newer int64   `json:"newer"`
+	LagMs float64 `json:"lagMs"`
 }
 
 // check judges every read against the writes of its user.
@@ -79,7 +81,7 @@ func check(reads []readRec, writes []writeRec, delta time.Duration, targets []st
 		if len(c.Examples) < 10 {
 			c.Examples = append(c.Examples, StaleRead{
 				User: int(r.user), Instance: targets[r.inst], StartMs: ms(time.Duration(r.start)),
-				Saw: r.version, Newer: runMax[r.user][n-1], LagMs: ms(lag),
+				Saw: r.version, Newer: ws[first].version, LagMs: ms(lag),
 			})
 		}
 	}

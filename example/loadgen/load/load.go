@@ -63,6 +63,13 @@ type Config struct {
 	// load runs before it (its reads are checked too, but its requests
 	// are not in the figures).
 	Duration, Warmup time.Duration
+	// Requests and WarmupRequests, when above zero, are the fewest
+	// requests the measured window and the warm-up take: each ends once
+	// both its time and its count are reached, so a slow machine still
+	// gets a sample of that size. MaxDuration bounds the whole run; zero
+	// means Warmup plus Duration when no count is set, else ten minutes.
+	Requests, WarmupRequests int64
+	MaxDuration              time.Duration
 	// Rate is the total requests per second to aim at; zero means flat
 	// out (each worker sends its next request as soon as the last one
 	// returned).
@@ -162,6 +169,12 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Interval == 0 {
 		c.Interval = DefaultInterval
 	}
+	if c.MaxDuration == 0 {
+		c.MaxDuration = c.Warmup + c.Duration
+		if c.Requests > 0 || c.WarmupRequests > 0 {
+			c.MaxDuration = 10 * time.Minute
+		}
+	}
 	var errs []error
 	if len(c.Targets) == 0 || len(c.Targets) > 255 {
 		errs = append(errs, errors.New("load: want 1 to 255 targets"))
@@ -169,7 +182,7 @@ func (c Config) withDefaults() (Config, error) {
 	for i, t := range c.Targets {
 		c.Targets[i] = strings.TrimRight(t, "/")
 	}
-	if c.Duration < 0 || c.Warmup < 0 || c.Delta < 0 || c.Timeout < 0 || c.Interval < 0 || c.Rate < 0 {
+	if c.Duration < 0 || c.Warmup < 0 || c.Delta < 0 || c.Timeout < 0 || c.Interval < 0 || c.Rate < 0 || c.MaxDuration < 0 || c.Requests < 0 || c.WarmupRequests < 0 {
 		errs = append(errs, errors.New("load: negative duration or rate"))
 	}
 	if c.Concurrency < 1 || c.Users < 0 || c.Pages < 1 || c.Limit < 1 {
@@ -208,7 +221,7 @@ type writeRec = readRec
 // bucket holds one interval's figures.
 type bucket struct {
 	mu     sync.Mutex
-	hist   *hdrhistogram.Histogram // latency in µs, every kind
+	hist   *hdrhistogram.Histogram // latency in µs, every kind; nil until used
 	count  int64
 	errors int64
 }
@@ -218,17 +231,20 @@ const histMax = int64(time.Minute / time.Microsecond)
 
 func newHist() *hdrhistogram.Histogram { return hdrhistogram.New(1, histMax, 3) }
 
+// notYet is run.warm before the warm-up has ended.
+const notYet = math.MaxInt64
+
 // run is one Run's state.
 type run struct {
 	cfg      Config
 	client   *http.Client
 	base     time.Time     // t = 0 of every record
-	measured time.Duration // the warm-up's end, since base
-	end      time.Duration // the load's end, since base
+	maxEnd   time.Duration // the load's end at the latest, since base
+	warm     atomic.Int64  // the warm-up's end in ns since base, or notYet
 	pace     atomic.Int64  // rate mode: requests scheduled so far
 	interval float64       // rate mode: ns between requests
 
-	buckets []*bucket
+	buckets []bucket
 	opHist  [numOps]*hdrhistogram.Histogram // measured window only, under opMu
 	opCount [numOps]int64
 	opErrs  [numOps]int64
@@ -238,7 +254,7 @@ type run struct {
 	errKind map[string]int64
 	errLast map[string]string // an example of each kind
 
-	sent, failed atomic.Int64 // for the progress bar
+	sent, measuredN, failed atomic.Int64
 }
 
 // Run sends the load, checks the reads and gathers the instances' figures.
@@ -270,32 +286,33 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 
 	r := &run{
-		cfg:      cfg,
-		client:   client,
-		measured: cfg.Warmup,
-		end:      cfg.Warmup + cfg.Duration,
-		errKind:  map[string]int64{},
-		errLast:  map[string]string{},
+		cfg:     cfg,
+		client:  client,
+		maxEnd:  cfg.MaxDuration,
+		errKind: map[string]int64{},
+		errLast: map[string]string{},
 	}
+	r.warm.Store(notYet)
 	if cfg.Rate > 0 {
 		r.interval = float64(time.Second) / cfg.Rate
 	}
-	r.buckets = make([]*bucket, int(r.end/cfg.Interval)+2)
-	for i := range r.buckets {
-		r.buckets[i] = &bucket{hist: newHist()}
-	}
+	r.buckets = make([]bucket, int(r.maxEnd/cfg.Interval)+2)
 	for i := range r.opHist {
 		r.opHist[i] = newHist()
 	}
 
-	// The scraper takes a snapshot at t = 0, at every interval, at the
-	// warm-up's end and after the last request.
+	// The snapshot at t = 0; the controller takes one at every interval and
+	// at the warm-up's end, and Run the last after the last request.
 	sc := newScraper(client, cfg.Targets)
 	if err := sc.take(ctx, 0); err != nil {
 		return nil, err
 	}
 	r.base = time.Now()
-	runCtx, cancel := context.WithDeadline(ctx, r.base.Add(r.end))
+	if cfg.Warmup == 0 && cfg.WarmupRequests == 0 {
+		r.warm.Store(0)
+		sc.baseline = 0
+	}
+	runCtx, cancel := context.WithDeadline(ctx, r.base.Add(r.maxEnd))
 	defer cancel()
 	var wg sync.WaitGroup
 	reads := make([][]readRec, cfg.Concurrency)
@@ -305,7 +322,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	stopAux := make(chan struct{})
 	var aux sync.WaitGroup
-	aux.Go(func() { sc.loop(runCtx, stopAux, r.base, cfg.Interval) })
+	aux.Go(func() { r.control(runCtx, cancel, sc, stopAux) })
 	if cfg.Progress != nil {
 		aux.Go(func() { r.progress(stopAux) })
 	}
@@ -314,7 +331,41 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	close(stopAux)
 	aux.Wait()
 	_ = sc.take(context.WithoutCancel(ctx), elapsed) // a failure is counted in the result
-	return r.result(first, sc, slices.Concat(reads...), slices.Concat(writes...), min(elapsed, r.end)), nil
+	return r.result(first, sc, slices.Concat(reads...), slices.Concat(writes...), min(elapsed, r.maxEnd)), nil
+}
+
+// control ends the warm-up and the run when their time and their count of
+// requests have both been reached, and scrapes the instances at every
+// interval. It returns when ctx ends or stop is closed.
+func (r *run) control(ctx context.Context, cancel context.CancelFunc, sc *scraper, stop <-chan struct{}) {
+	cfg := r.cfg
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	next := cfg.Interval
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		el := time.Since(r.base)
+		if r.warm.Load() == notYet && el >= cfg.Warmup && r.sent.Load() >= cfg.WarmupRequests {
+			r.warm.Store(int64(el))
+			if sc.take(context.WithoutCancel(ctx), el) == nil {
+				sc.baseline = len(sc.snaps) - 1
+			}
+		}
+		if w := r.warm.Load(); w != notYet && el-time.Duration(w) >= cfg.Duration && r.measuredN.Load() >= cfg.Requests {
+			cancel()
+			return
+		}
+		if el >= next {
+			_ = sc.take(context.WithoutCancel(ctx), el) // a failure leaves a gap, counted
+			next = (el/cfg.Interval + 1) * cfg.Interval
+		}
+	}
 }
 
 // worker sends requests until ctx ends and returns the versions it saw.
@@ -424,12 +475,15 @@ func (r *run) do(req *http.Request, op int) (int64, error) {
 func (r *run) record(op int, start, end time.Duration, err error) {
 	r.sent.Add(1)
 	us := max(1, min(int64((end-start)/time.Microsecond), histMax))
-	b := r.buckets[min(int(start/r.cfg.Interval), len(r.buckets)-1)]
+	b := &r.buckets[min(int(start/r.cfg.Interval), len(r.buckets)-1)]
 	b.mu.Lock()
 	b.count++
 	if err != nil {
 		b.errors++
 	} else {
+		if b.hist == nil {
+			b.hist = newHist()
+		}
 		_ = b.hist.RecordValue(us)
 	}
 	b.mu.Unlock()
@@ -448,9 +502,10 @@ func (r *run) record(op int, start, end time.Duration, err error) {
 		r.errLast[opNames[op]+" "+kind] = err.Error()
 		r.errMu.Unlock()
 	}
-	if start < r.measured {
+	if int64(start) < r.warm.Load() {
 		return
 	}
+	r.measuredN.Add(1)
 	r.opMu.Lock()
 	r.opCount[op]++
 	if err != nil {
@@ -463,7 +518,7 @@ func (r *run) record(op int, start, end time.Duration, err error) {
 
 // progress draws the progress bar until stop is closed.
 func (r *run) progress(stop <-chan struct{}) {
-	total := r.end.Milliseconds()
+	total := (r.cfg.Warmup + r.cfg.Duration).Milliseconds()
 	bar := progressbar.NewOptions64(total,
 		progressbar.OptionSetWriter(r.cfg.Progress),
 		progressbar.OptionSetWidth(30),
@@ -489,7 +544,7 @@ func (r *run) progress(stop <-chan struct{}) {
 			lastSent, last = sent, now
 			el := now.Sub(r.base)
 			phase := "load"
-			if el < r.measured {
+			if int64(el) < r.warm.Load() {
 				phase = "warm-up"
 			}
 			bar.Describe(fmt.Sprintf("%-7s %5.1fs  %7.0f req/s  %d errors", phase, el.Seconds(), rps, r.failed.Load()))

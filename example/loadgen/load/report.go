@@ -72,7 +72,6 @@ func (res *Result) view() reportView {
 		v.Errs = append(v.Errs, errRow{k, n, res.ErrorExamples[k]})
 	}
 	interval, _ := time.ParseDuration(res.Settings.Interval)
-	warm, _ := time.ParseDuration(res.Settings.Warmup)
 	xs := make([]float64, len(res.Series))
 	var xmax float64
 	for i, p := range res.Series {
@@ -94,7 +93,7 @@ func (res *Result) view() reportView {
 		}
 		return ps
 	}
-	base := chart{X: xs, XMax: xmax, Shade: warm.Seconds()}
+	base := chart{X: xs, XMax: xmax, Shade: res.WarmupSeconds}
 	c := base
 	c.Title, c.Unit = "Throughput", "requests/s"
 	c.Series = []series{

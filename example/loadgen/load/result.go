@@ -26,7 +26,9 @@ type Result struct {
 	Settings  Settings `json:"settings"`
 
 	// The figures below cover the measured window (after the warm-up),
-	// except Coherence, which checks every read.
+	// except Coherence, which checks every read. WarmupSeconds is when the
+	// warm-up ended; ElapsedSeconds how long the measured window lasted.
+	WarmupSeconds  float64 `json:"warmupSeconds"`
 	ElapsedSeconds float64 `json:"elapsedSeconds"`
 	Requests       int64   `json:"requests"`
 	Errors         int64   `json:"errors"`
@@ -47,18 +49,20 @@ type Result struct {
 
 // Settings records the Config the run used.
 type Settings struct {
-	Duration    string  `json:"duration"`
-	Warmup      string  `json:"warmup"`
-	Rate        float64 `json:"rate"` // 0: flat out
-	Concurrency int     `json:"concurrency"`
-	Mix         Mix     `json:"mix"`
-	Users       int     `json:"users"`
-	Zipf        float64 `json:"zipf"`
-	Pages       int     `json:"pages"`
-	Limit       int     `json:"limit"`
-	Delta       string  `json:"delta"`
-	Interval    string  `json:"interval"`
-	Seed        uint64  `json:"seed"`
+	Duration       string  `json:"duration"`
+	Warmup         string  `json:"warmup"`
+	Requests       int64   `json:"requests,omitempty"`
+	WarmupRequests int64   `json:"warmupRequests,omitempty"`
+	Rate           float64 `json:"rate"` // 0: flat out
+	Concurrency    int     `json:"concurrency"`
+	Mix            Mix     `json:"mix"`
+	Users          int     `json:"users"`
+	Zipf           float64 `json:"zipf"`
+	Pages          int     `json:"pages"`
+	Limit          int     `json:"limit"`
+	Delta          string  `json:"delta"`
+	Interval       string  `json:"interval"`
+	Seed           uint64  `json:"seed"`
 }
 
 // Latency summarizes successful requests' latencies, in milliseconds.
@@ -154,16 +158,19 @@ func delta(a, b InstanceStats) InstanceStats {
 // result assembles the Result of a run that lasted elapsed.
 func (r *run) result(first InstanceStats, sc *scraper, reads []readRec, writes []writeRec, elapsed time.Duration) *Result {
 	cfg := r.cfg
+	warm := min(time.Duration(r.warm.Load()), elapsed) // notYet: the run ended in its warm-up
 	res := &Result{
 		Started:   r.base,
 		Targets:   cfg.Targets,
 		CacheType: first.CacheType,
 		Settings: Settings{
-			Duration: cfg.Duration.String(), Warmup: cfg.Warmup.String(), Rate: cfg.Rate, Concurrency: cfg.Concurrency,
+			Duration: cfg.Duration.String(), Warmup: cfg.Warmup.String(), Requests: cfg.Requests, WarmupRequests: cfg.WarmupRequests,
+			Rate: cfg.Rate, Concurrency: cfg.Concurrency,
 			Mix: cfg.Mix, Users: cfg.Users, Zipf: cfg.Zipf, Pages: cfg.Pages, Limit: cfg.Limit,
 			Delta: cfg.Delta.String(), Interval: cfg.Interval.String(), Seed: cfg.Seed,
 		},
-		ElapsedSeconds: max(0, elapsed-r.measured).Seconds(),
+		WarmupSeconds:  warm.Seconds(),
+		ElapsedSeconds: (elapsed - warm).Seconds(),
 		ErrorKinds:     r.errKind,
 		ErrorExamples:  r.errLast,
 		Ops:            map[string]Op{},
@@ -183,14 +190,15 @@ func (r *run) result(first InstanceStats, sc *scraper, reads []readRec, writes [
 	}
 
 	// The time series: one point per interval that began before the end.
-	for i, b := range r.buckets {
+	for i := range r.buckets {
+		b := &r.buckets[i]
 		t0 := time.Duration(i) * cfg.Interval
 		if t0 >= elapsed {
 			break
 		}
 		span := min(cfg.Interval, elapsed-t0)
-		p := Point{T: t0.Seconds(), Warmup: t0 < r.measured, Requests: b.count, Errors: b.errors, RPS: float64(b.count) / span.Seconds()}
-		if b.hist.TotalCount() > 0 {
+		p := Point{T: t0.Seconds(), Warmup: t0 < warm, Requests: b.count, Errors: b.errors, RPS: float64(b.count) / span.Seconds()}
+		if b.hist != nil && b.hist.TotalCount() > 0 {
 			l := latency(b.hist)
 			p.P50, p.P95, p.P99 = ptr(l.P50), ptr(l.P95), ptr(l.P99)
 		}
@@ -209,29 +217,28 @@ func (r *run) result(first InstanceStats, sc *scraper, reads []readRec, writes [
 		p.DBQueriesPerRequest = ratio(d.DBQueries, d.Requests)
 	}
 
-	// Totals over the measured window: from the first snapshot taken at
-	// the warm-up's end (or the start) to the last one.
-	if len(sc.snaps) >= 2 {
-		i := slices.IndexFunc(sc.snaps, func(s snapshot) bool { return s.at >= r.measured-cfg.Interval/2 })
-		from, to := sc.snaps[i], sc.snaps[len(sc.snaps)-1]
-		if i < len(sc.snaps)-1 {
-			d := delta(from.sum(), to.sum())
-			res.Cache = Cache{
-				Available: true,
-				L1Hits:    d.L1.Hits, L1Misses: d.L1.Misses, L1HitRatio: ratio(d.L1.Hits, d.L1.Hits+d.L1.Misses),
-				L2Hits: d.L2.Hits, L2Misses: d.L2.Misses, L2HitRatio: ratio(d.L2.Hits, d.L2.Hits+d.L2.Misses),
-				ServerRequests: d.Requests, DBQueries: d.DBQueries, DBQueriesPerRequest: ratio(d.DBQueries, d.Requests),
-			}
-			for j := range to.inst {
-				d := delta(from.inst[j], to.inst[j])
-				res.Instances = append(res.Instances, to.inst[j].Instance)
-				res.Cache.PerInstance = append(res.Cache.PerInstance, InstanceFigures{
-					Instance: to.inst[j].Instance, Requests: d.Requests, DBQueries: d.DBQueries,
-					L1HitRatio: ratio(d.L1.Hits, d.L1.Hits+d.L1.Misses), L2HitRatio: ratio(d.L2.Hits, d.L2.Hits+d.L2.Misses),
-					DBQueriesPerRequest: ratio(d.DBQueries, d.Requests),
-				})
-			}
-		}
+	// Totals over the measured window: from the snapshot taken at the
+	// warm-up's end (or the start) to the last one.
+	i := sc.baseline
+	if warm >= elapsed || i >= len(sc.snaps)-1 || (i == 0 && warm > 0) {
+		return res // no snapshot bounds the window
+	}
+	from, to := sc.snaps[i], sc.snaps[len(sc.snaps)-1]
+	d := delta(from.sum(), to.sum())
+	res.Cache = Cache{
+		Available: true,
+		L1Hits:    d.L1.Hits, L1Misses: d.L1.Misses, L1HitRatio: ratio(d.L1.Hits, d.L1.Hits+d.L1.Misses),
+		L2Hits: d.L2.Hits, L2Misses: d.L2.Misses, L2HitRatio: ratio(d.L2.Hits, d.L2.Hits+d.L2.Misses),
+		ServerRequests: d.Requests, DBQueries: d.DBQueries, DBQueriesPerRequest: ratio(d.DBQueries, d.Requests),
+	}
+	for j := range to.inst {
+		d := delta(from.inst[j], to.inst[j])
+		res.Instances = append(res.Instances, to.inst[j].Instance)
+		res.Cache.PerInstance = append(res.Cache.PerInstance, InstanceFigures{
+			Instance: to.inst[j].Instance, Requests: d.Requests, DBQueries: d.DBQueries,
+			L1HitRatio: ratio(d.L1.Hits, d.L1.Hits+d.L1.Misses), L2HitRatio: ratio(d.L2.Hits, d.L2.Hits+d.L2.Misses),
+			DBQueriesPerRequest: ratio(d.DBQueries, d.Requests),
+		})
 	}
 	return res
 }
@@ -260,11 +267,15 @@ func (res *Result) Describe() string {
 		rate = fmt.Sprintf("%.0f req/s target, %d workers", s.Rate, s.Concurrency)
 	}
 	warm := ""
-	if s.Warmup != "0s" {
-		warm = " after a " + s.Warmup + " warm-up"
+	if res.WarmupSeconds > 0 {
+		warm = fmt.Sprintf(" after a %.1fs warm-up", res.WarmupSeconds)
+	}
+	dur := s.Duration
+	if s.Requests > 0 {
+		dur = fmt.Sprintf("%.1fs (at least %s and %d requests)", res.ElapsedSeconds, s.Duration, s.Requests)
 	}
 	return fmt.Sprintf("%d instances (cache %s), %s%s, %s; %s; Zipf %.2f over %d users",
-		len(res.Targets), res.CacheType, s.Duration, warm, rate, s.Mix, s.Zipf, s.Users)
+		len(res.Targets), res.CacheType, dur, warm, rate, s.Mix, s.Zipf, s.Users)
 }
 
 // WriteSummary prints the figures a person reads first.

@@ -73,13 +73,15 @@ func (s snapshot) sum() InstanceStats {
 }
 
 // scraper collects snapshots. Its methods are called from one goroutine
-// at a time (loop, then take after loop has returned).
+// at a time (Run, then the run's controller, then Run again).
 type scraper struct {
 	client  *http.Client
 	targets []string
 	snaps   []snapshot
 	errors  int // scrapes that failed
 	lastErr error
+	// baseline is the index of the snapshot taken at the warm-up's end.
+	baseline int
 }
 
 func newScraper(c *http.Client, targets []string) *scraper {
@@ -108,22 +110,4 @@ func (s *scraper) take(ctx context.Context, at time.Duration) error {
 	}
 	s.snaps = append(s.snaps, snap)
 	return nil
-}
-
-// loop takes a snapshot at every interval from base until ctx ends or stop
-// is closed.
-func (s *scraper) loop(ctx context.Context, stop <-chan struct{}, base time.Time, interval time.Duration) {
-	t := time.NewTimer(interval)
-	defer t.Stop()
-	for k := 1; ; k++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-stop:
-			return
-		case <-t.C:
-		}
-		_ = s.take(context.WithoutCancel(ctx), time.Since(base)) // a failure leaves a gap, counted
-		t.Reset(time.Until(base.Add(time.Duration(k+1) * interval)))
-	}
 }
