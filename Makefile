@@ -19,6 +19,10 @@ test: ## run every test with -race against private redis-server processes (what 
 	@# Allocation counts mean nothing under -race, where those tests skip: run them without it.
 	$(GO) test -count=1 -run 'Allocs' ./tiered/
 
+.PHONY: demo
+demo: ## the example fleet: throwaway redis-server (or REDIS_URL), 3 app instances on SQLite, 20s of checked load, summary + HTML report
+	$(GO) run ./example/demo $(DEMO_ARGS)
+
 .PHONY: soak
 soak: ## the coherence checker's long run: every fault phase for SOAK_PHASE (30s) each, more instances and readers
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server)"; exit 1; }
