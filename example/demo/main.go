@@ -69,8 +69,11 @@ func main() {
 	flag.StringVar(&o.bin, "bin", "", "directory holding prebuilt app and loadgen binaries (default: build them)")
 	flag.Parse()
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
+	// Output piped into a pager or tee that Ctrl-C ended must not kill the
+	// demo before it has stopped what it started.
+	signal.Ignore(syscall.SIGPIPE)
 	code, err := run(ctx, o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
