@@ -271,6 +271,9 @@ func (res *Result) Describe() string {
 		warm = fmt.Sprintf(" after a %.1fs warm-up", res.WarmupSeconds)
 	}
 	dur := s.Duration
+	if d, err := time.ParseDuration(s.Duration); err == nil && res.ElapsedSeconds < d.Seconds()*0.95 {
+		dur = fmt.Sprintf("%.1fs of %s (stopped early)", res.ElapsedSeconds, s.Duration)
+	}
 	if s.Requests > 0 {
 		dur = fmt.Sprintf("%.1fs (at least %s and %d requests)", res.ElapsedSeconds, s.Duration, s.Requests)
 	}
