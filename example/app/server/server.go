@@ -35,6 +35,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tiercache/tiercache/invalidate"
+	"github.com/tiercache/tiercache/metrics"
+	"github.com/tiercache/tiercache/metrics/redistrace"
 	"github.com/tiercache/tiercache/tiered"
 )
 
@@ -84,6 +86,7 @@ func New(ctx context.Context, cfg Config, d Deps) (_ *Server, err error) {
 	if d.TracerProvider == nil {
 		d.TracerProvider = otel.GetTracerProvider()
 	}
+	tel := metrics.Providers{Meter: d.MeterProvider, Tracer: d.TracerProvider}
 	s := &Server{cfg: cfg, log: d.Logger, started: time.Now()}
 	defer func() {
 		if err != nil {
@@ -99,9 +102,15 @@ func New(ctx context.Context, cfg Config, d Deps) (_ *Server, err error) {
 	if cfg.CacheType != CacheOff {
 		if cfg.Mode != tiered.ModeMemory {
 			s.rdb = redis.NewClient(cfg.Redis)
+			// Redis command spans and pool metrics, never a command's
+			// arguments (they hold the cached values).
+			if err = redistrace.Instrument(s.rdb, tel); err != nil {
+				return nil, fmt.Errorf("redis telemetry: %w", err)
+			}
 			bo := d.Bus
 			bo.Logger = s.log.With("component", "invalidate")
 			bo.Secret = cfg.BusSecret
+			bo.MeterProvider, bo.TracerProvider = d.MeterProvider, d.TracerProvider
 			if s.bus, err = invalidate.New(s.rdb, bo); err != nil {
 				return nil, fmt.Errorf("invalidation bus: %w", err)
 			}
@@ -112,6 +121,8 @@ func New(ctx context.Context, cfg Config, d Deps) (_ *Server, err error) {
 			L1TTL:          cfg.L1TTL,
 			L1MaxCost:      cfg.L1Size,
 			CommandTimeout: cfg.CommandTimeout,
+			MeterProvider:  d.MeterProvider,
+			TracerProvider: d.TracerProvider,
 		}
 		if s.users, err = tiered.New[User]("users", s.rdb, s.bus, opts); err != nil {
 			return nil, fmt.Errorf("users cache: %w", err)
@@ -275,11 +286,12 @@ type Stats struct {
 	Requests  uint64 `json:"requests"`
 	DBQueries uint64 `json:"dbQueries"`
 	// Users is how many users the database held at start: the key space.
-	Users int                     `json:"users"`
-	L1    tiered.TierStats        `json:"l1"`
-	L2    tiered.TierStats        `json:"l2"`
-	Loads uint64                  `json:"loads"`
-	Cache map[string]tiered.Stats `json:"caches,omitempty"`
+	Users int              `json:"users"`
+	L1    tiered.TierStats `json:"l1"`
+	L2    tiered.TierStats `json:"l2"`
+	Loads uint64           `json:"loads"`
+	// Caches has each cache's own figures, by namespace.
+	Caches map[string]tiered.Stats `json:"caches,omitempty"`
 }
 
 // Stats returns this instance's counters.
@@ -294,9 +306,9 @@ func (s *Server) Stats() Stats {
 	if s.users == nil {
 		return st
 	}
-	st.Cache = map[string]tiered.Stats{"users": s.users.Stats(), "licenses": s.licenses.Stats()}
+	st.Caches = map[string]tiered.Stats{"users": s.users.Stats(), "licenses": s.licenses.Stats()}
 	var l1h, l1m, l2h, l2m uint64
-	for _, c := range st.Cache {
+	for _, c := range st.Caches {
 		l1h, l1m, l2h, l2m = l1h+c.L1.Hits, l1m+c.L1.Misses, l2h+c.L2.Hits, l2m+c.L2.Misses
 		st.Loads += c.Loads
 	}

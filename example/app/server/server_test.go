@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -456,6 +457,11 @@ func TestAPI_Metrics(t *testing.T) {
 		"app_db_query_duration_seconds_bucket",
 		"http_server_request_duration_seconds",
 		"go_goroutines",
+		// tiercache's own, from the providers the app passed on.
+		`tiercache_requests_total{`,
+		`tiercache_l1_keys{`,
+		"tiercache_bus_live",
+		"tiercache_operation_duration_seconds_bucket",
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s", want)
@@ -477,4 +483,44 @@ func databases(t *testing.T) []database {
 		dbs = append(dbs, database{"postgres", map[string]string{"DATABASE_URL": u}})
 	}
 	return dbs
+}
+
+// With an OTLP endpoint configured, spans reach it: one per request, named
+// by its route.
+func TestTelemetry_OTLPTraces(t *testing.T) {
+	var mu sync.Mutex
+	var bodies []string
+	collector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		bodies = append(bodies, r.URL.Path+" "+string(b))
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/x-protobuf")
+	}))
+	defer collector.Close()
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.URL)
+	t.Setenv("OTEL_SERVICE_NAME", "otlp-test-service")
+	cfg, err := LoadConfig(os.Getenv)
+	if err != nil || cfg.OTLPEndpoint != collector.URL {
+		t.Fatalf("LoadConfig: %v, OTLPEndpoint %q", err, cfg.OTLPEndpoint)
+	}
+	ctx := context.Background()
+	tel, err := NewTelemetry(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := redistest.Start(t)
+	in := start(t, testEnv(t, rs, nil), "a", Deps{MeterProvider: tel.MeterProvider, TracerProvider: tel.TracerProvider})
+	getUser(t, in, 4)
+	if err := tel.Shutdown(ctx); err != nil { // flushes the batch
+		t.Fatalf("Shutdown: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	all := strings.Join(bodies, "\n")
+	for _, want := range []string{"/v1/traces", "GET /api/v1/users/{id}", "otlp-test-service"} {
+		if !strings.Contains(all, want) {
+			t.Errorf("the collector did not receive %q (%d requests)", want, len(bodies))
+		}
+	}
 }
