@@ -104,3 +104,18 @@ func TestRenderHTML(t *testing.T) {
 		t.Errorf("report has %d lines, want at least 4 (rps, p50, p95, p99)", n)
 	}
 }
+
+func TestChartTicks(t *testing.T) {
+	for _, tc := range []struct {
+		v, step float64
+		want    string
+	}{{0.30000000000000004, 0.1, "0.3"}, {0.15, 0.05, "0.15"}, {20, 5, "20"}, {2e-3, 1e-3, "0.002"}, {1500, 500, "1500"}} {
+		if got := label(tc.v, tc.step); got != tc.want {
+			t.Errorf("label(%v, %v) = %q, want %q", tc.v, tc.step, got, tc.want)
+		}
+	}
+	svg := string(chart{Title: "q", X: []float64{0.5, 1.5}, XMax: 2, Series: []series{{"s", "#000", []*float64{ptr(0.07), ptr(0.31)}}}}.svg())
+	if strings.Contains(svg, "0000000") || !strings.Contains(svg, ">0.3<") {
+		t.Errorf("axis labels: %s", svg)
+	}
+}

@@ -159,11 +159,9 @@ func niceStep(span float64, n int) float64 {
 	return 10 * mag
 }
 
-func label(v float64) string {
-	if v != 0 && math.Abs(v) < 0.01 {
-		return strconv.FormatFloat(v, 'g', 2, 64)
-	}
-	return strconv.FormatFloat(v, 'f', -1, 64)
+// label formats a tick value with as many decimals as its step needs.
+func label(v, step float64) string {
+	return strconv.FormatFloat(v, 'f', max(0, int(math.Ceil(-math.Log10(step)-1e-9))), 64)
 }
 
 func (c chart) svg() template.HTML {
@@ -195,16 +193,18 @@ func (c chart) svg() template.HTML {
 	}
 	// Grid and y axis.
 	ystep := niceStep(ymax, 5)
-	for y := 0.0; y <= ymax*1.0001; y += ystep {
+	for k := 0; float64(k)*ystep <= ymax*1.0001; k++ {
+		y := float64(k) * ystep
 		fmt.Fprintf(&b, `<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="%s" stroke-width="1"/>`, padL, padL+plotW, py(y), py(y), gridColor)
-		fmt.Fprintf(&b, `<text x="%d" y="%.1f" font-size="11" text-anchor="end" fill="%s">%s</text>`, padL-6, py(y)+4, axisColor, label(y))
+		fmt.Fprintf(&b, `<text x="%d" y="%.1f" font-size="11" text-anchor="end" fill="%s">%s</text>`, padL-6, py(y)+4, axisColor, label(y, ystep))
 	}
 	fmt.Fprintf(&b, `<text x="14" y="%d" font-size="11" fill="%s" transform="rotate(-90 14 %d)" text-anchor="middle">%s</text>`, padT+plotH/2, axisColor, padT+plotH/2, html.EscapeString(c.Unit))
 	// X axis, in seconds.
 	xstep := niceStep(xmax, 10)
-	for x := 0.0; x <= xmax*1.0001; x += xstep {
+	for k := 0; float64(k)*xstep <= xmax*1.0001; k++ {
+		x := float64(k) * xstep
 		fmt.Fprintf(&b, `<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="%s"/>`, px(x), px(x), padT+plotH, padT+plotH+4, axisColor)
-		fmt.Fprintf(&b, `<text x="%.1f" y="%d" font-size="11" text-anchor="middle" fill="%s">%s</text>`, px(x), padT+plotH+17, axisColor, label(x))
+		fmt.Fprintf(&b, `<text x="%.1f" y="%d" font-size="11" text-anchor="middle" fill="%s">%s</text>`, px(x), padT+plotH+17, axisColor, label(x, xstep))
 	}
 	fmt.Fprintf(&b, `<text x="%d" y="%d" font-size="11" text-anchor="middle" fill="%s">seconds since start</text>`, padL+plotW/2, chartH-3, axisColor)
 	fmt.Fprintf(&b, `<line x1="%d" x2="%d" y1="%d" y2="%d" stroke="%s"/>`, padL, padL+plotW, padT+plotH, padT+plotH, axisColor)
@@ -229,7 +229,7 @@ func (c chart) svg() template.HTML {
 			n++
 			seg = append(seg, fmt.Sprintf("%.1f,%.1f", px(c.X[j]), py(*y)))
 			if len(c.X) <= maxPointsWithMarkers {
-				fmt.Fprintf(&b, `<circle cx="%.1f" cy="%.1f" r="2.5" fill="%s"><title>%s at %.1fs: %s</title></circle>`, px(c.X[j]), py(*y), s.Color, html.EscapeString(s.Name), c.X[j], label(math.Round(*y*1000)/1000))
+				fmt.Fprintf(&b, `<circle cx="%.1f" cy="%.1f" r="2.5" fill="%s"><title>%s at %.1fs: %s</title></circle>`, px(c.X[j]), py(*y), s.Color, html.EscapeString(s.Name), c.X[j], strconv.FormatFloat(*y, 'f', 3, 64))
 			}
 		}
 		flush()
