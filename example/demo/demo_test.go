@@ -172,3 +172,20 @@ func TestDemo_MemoryModeIsCaught(t *testing.T) {
 		t.Errorf("memory mode: cache type %q, L2 hit ratio %v; want memory and none", res.CacheType, res.Cache.L2HitRatio)
 	}
 }
+
+// At a target rate the load generator paces its requests: the throughput
+// it reports is the rate asked for, not what the instance could take.
+func TestLoad_TargetRate(t *testing.T) {
+	targets := startFleet(t, 1, fleetEnv(t, "memory", nil))
+	cfg := load.Config{Targets: targets, Duration: 2 * time.Second, Rate: 150, Concurrency: 4, Seed: 3}
+	res := runLoad(t, cfg)
+	if res.Throughput < 135 || res.Throughput > 165 {
+		t.Errorf("throughput %.1f req/s at a target of 150, want within 10%%", res.Throughput)
+	}
+	if res.Errors != 0 || res.Coherence.StaleReads != 0 {
+		t.Errorf("one instance: %d errors, %d stale reads; want none", res.Errors, res.Coherence.StaleReads)
+	}
+	if len(res.Series) != 2 || res.Series[0].RPS < 120 || res.Series[1].RPS < 120 {
+		t.Errorf("series %+v, want two intervals near 150 req/s", res.Series)
+	}
+}
