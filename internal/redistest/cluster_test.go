@@ -168,9 +168,11 @@ func TestCluster_KillMasterFailover(t *testing.T) {
 	// go-redis routes by its cached slot map, which connection errors do not refresh; count how
 	// long the client keeps failing on its own, then ask it to reload.
 	var failed int
+	setStart := time.Now()
 	if err := cc.Set(ctx, key, "after", 0).Err(); err != nil {
 		failed++
-		t.Logf("go-redis: Set after failover without reload = %v (the client still routes to %s)", err, old)
+		t.Logf("go-redis: Set after failover without reload = %v after %v (the client still routes to %s)",
+			err, time.Since(setStart), old)
 		cc.ReloadState(ctx)
 	}
 	deadline := time.Now().Add(5 * time.Second)
