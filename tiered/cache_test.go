@@ -159,7 +159,7 @@ func TestCache_API(t *testing.T) {
 // TestCache_TTL checks that values expire from both tiers, and that an L1
 // entry never outlives the Redis key it came from (DESIGN guarantee 4).
 func TestCache_TTL(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{TTLJitter: -1, L1TTL: time.Hour})
+	f := newFleet[string](t, shared, 2, Options{TTLJitter: -1, L1TTL: time.Hour})
 	ctx := ctxT(t)
 	got := applied(f[1].c)
 	if err := f[0].c.Set(ctx, "k", "v", 300*time.Millisecond); err != nil {
@@ -386,7 +386,7 @@ func TestCache_SharedValues(t *testing.T) {
 // TestCache_Close: Close is idempotent, safe concurrently, waits for
 // in-flight calls, and later calls fail with ErrClosed.
 func TestCache_Close(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	c := f[0].c
 	ctx := ctxT(t)
 	_ = c.Set(ctx, "k", "v", 0)

@@ -55,7 +55,7 @@ func newInstance[V any](t *testing.T, s *redistest.Server, ns string, rdb *redis
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
 	}
-	bus := newBus(t, s, rdb, bo)
+	bus := newBus(t, standalone{s}, rdb, bo)
 	c, err := New[V](ns, rdb, bus, opts)
 	if err != nil {
 		t.Fatalf("New: %v", err)
@@ -424,7 +424,7 @@ func TestNewRejectsClientWithoutContextTimeouts(t *testing.T) {
 	if _, err := New[string](namespace(t), rdb, nil, Options{Mode: ModeRedis}); !errors.Is(err, ErrContextTimeouts) && err == nil {
 		t.Fatalf("New with ContextTimeoutEnabled false: %v", err)
 	}
-	bus := newBus(t, srv, srv.Client(t), invalidate.Options{})
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
 	if _, err := New[string](namespace(t), rdb, bus, Options{}); !errors.Is(err, ErrContextTimeouts) {
 		t.Fatalf("New with ContextTimeoutEnabled false: %v, want ErrContextTimeouts", err)
 	}
@@ -462,7 +462,7 @@ func TestSecretClearVoidsOneNamespace(t *testing.T) {
 	type pair struct{ one, two *Cache[string] }
 	mk := func() pair {
 		rdb := s.Client(t)
-		bus := newBus(t, s, rdb, bo)
+		bus := newBus(t, standalone{s}, rdb, bo)
 		var p pair
 		var err error
 		if p.one, err = New[string](ns1, rdb, bus, opts); err != nil {

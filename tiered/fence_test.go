@@ -47,7 +47,7 @@ func mustGet(t testing.TB, c *Cache[string], key, want, when string) {
 // applied here, then the reader's fill completes. The old value must never
 // be served afterwards.
 func TestFence_InvalidationBetweenL2ReadAndL1Store(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)
@@ -81,7 +81,7 @@ func TestFence_InvalidationBetweenL2ReadAndL1Store(t *testing.T) {
 // cannot see: the invalidation lands after the check, right before the
 // ristretto Set (pitfalls C-e). Validation on read must reject the entry.
 func TestFence_InvalidationAfterPreCheck(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)
@@ -127,7 +127,7 @@ func TestFence_LocalWriteDuringFill(t *testing.T) {
 // key, the older value's Set reaching ristretto after the newer one's. The
 // reader must never go back to the older value.
 func TestFence_TwoQueuedFillsOfANewKey(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)
@@ -171,7 +171,7 @@ func TestFence_TwoQueuedFillsOfANewKey(t *testing.T) {
 // must not be served, even for a change L1 never heard about.
 func TestFence_ResetDuringFill(t *testing.T) {
 	s := redistest.Start(t)
-	f := newFleet[string](t, s, 1, Options{})
+	f := newFleet[string](t, standalone{s}, 1, Options{})
 	c, bus := f[0].c, f[0].bus
 	ctx := ctxT(t)
 	_ = c.Set(ctx, "k", "old", 0)
@@ -201,7 +201,7 @@ func TestFence_ResetDuringFill(t *testing.T) {
 // TestFence_ClearDuringFill: a namespace flush from another instance lands
 // while a fill is in flight.
 func TestFence_ClearDuringFill(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)
@@ -227,7 +227,7 @@ func TestFence_ClearDuringFill(t *testing.T) {
 // flight while holding an older value, and its late fill would replace the
 // newer one in L1: a reader would go back from v2 to v1.
 func TestFence_FlightStartingAfterItsForget(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)
@@ -290,7 +290,7 @@ func TestFence_FlightStartingAfterItsForget(t *testing.T) {
 // one the newer flight stores in L1 with a valid snapshot. Unless the old
 // flight voids the key on its way out, its caller's next read goes back.
 func TestFence_StaleFlightReturnsNewerValue(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	ctx := ctxT(t)
 	got := applied(reader)

@@ -20,7 +20,7 @@ import (
 // new value as soon as it has applied the invalidation, which takes one
 // pub/sub hop (DESIGN guarantee 1).
 func TestFleet_WriteSeenEverywhere(t *testing.T) {
-	f := newFleet[string](t, srv, 4, Options{})
+	f := newFleet[string](t, shared, 4, Options{})
 	ctx := ctxT(t)
 	signals := make([]<-chan struct{}, len(f))
 	for i, in := range f {
@@ -61,7 +61,7 @@ func TestFleet_WriteSeenEverywhere(t *testing.T) {
 // flushed on every resubscription.
 func TestFleet_PubSubKilled(t *testing.T) {
 	s := redistest.Start(t)
-	f := newFleet[string](t, s, 4, Options{})
+	f := newFleet[string](t, standalone{s}, 4, Options{})
 	ctx := ctxT(t)
 	c0 := f[0].c
 	if err := c0.Set(ctx, "k", "v1", 0); err != nil {
@@ -106,7 +106,7 @@ func TestFleet_PubSubKilled(t *testing.T) {
 func TestFleet_SilentStreamBypassesL1(t *testing.T) {
 	s := redistest.Start(t)
 	bo := invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond}
-	f := newFleetBus[string](t, s, 1, Options{CommandTimeout: 250 * time.Millisecond}, bo)
+	f := newFleetBus[string](t, standalone{s}, 1, Options{CommandTimeout: 250 * time.Millisecond}, bo)
 	c, bus := f[0].c, f[0].bus
 	ctx := ctxT(t)
 	if err := c.Set(ctx, "k", "v1", 0); err != nil {
@@ -146,7 +146,7 @@ func TestFleet_SilentStreamBypassesL1(t *testing.T) {
 // on resubscribing, so nothing that only lived in the old Redis is served.
 func TestFleet_RedisRestarted(t *testing.T) {
 	s := redistest.Start(t)
-	f := newFleet[string](t, s, 2, Options{})
+	f := newFleet[string](t, standalone{s}, 2, Options{})
 	ctx := ctxT(t)
 	_ = f[0].c.Set(ctx, "k", "v1", 0)
 	for _, in := range f {
@@ -170,7 +170,7 @@ func TestFleet_RedisRestarted(t *testing.T) {
 // TestFleet_ClearFromOneInstance: Clear on one instance empties the
 // namespace for all of them, and only that namespace.
 func TestFleet_ClearFromOneInstance(t *testing.T) {
-	f := newFleet[string](t, srv, 3, Options{})
+	f := newFleet[string](t, shared, 3, Options{})
 	other := newCache[string](t, Options{})
 	ctx := ctxT(t)
 	_ = f[0].c.SetMany(ctx, map[string]string{"a": "1", "b": "2"}, 0)
@@ -202,7 +202,7 @@ func TestFleet_ClearFromOneInstance(t *testing.T) {
 // order, and after the writers stop every instance converges on the last
 // version written.
 func TestFleet_Stress(t *testing.T) {
-	f := newFleet[string](t, srv, 4, Options{})
+	f := newFleet[string](t, shared, 4, Options{})
 	const keys = 8
 	dur := 1500 * time.Millisecond
 	if testing.Short() {

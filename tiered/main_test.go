@@ -16,8 +16,30 @@ import (
 	"github.com/tiercache/tiercache/invalidate"
 )
 
-// srv is the package's Redis: a private redis-server, or REDIS_ADDR.
+// srv is the package's standalone Redis: a private redis-server, or
+// REDIS_ADDR. Benchmarks and tests that need a standalone server use it.
 var srv *redistest.Server
+
+// shared is where the suite's shared-server tests run: srv, or with
+// TIERCACHE_TEST_CLUSTER=1 a private Redis Cluster (3 masters, 3 replicas),
+// so the core and read-through suites run unchanged against a cluster
+// (make test runs both). Fault tests start their own servers either way.
+var shared backend
+
+// backend is a Redis deployment the tests can get clients of.
+type backend interface {
+	Client(tb testing.TB) redis.UniversalClient
+	Prefix() string
+}
+
+type standalone struct{ *redistest.Server }
+
+func (s standalone) Client(tb testing.TB) redis.UniversalClient { return s.Server.Client(tb) }
+
+type clusterBackend struct{ *redistest.Cluster }
+
+func (c clusterBackend) Client(tb testing.TB) redis.UniversalClient { return c.Cluster.Client(tb) }
+func (clusterBackend) Prefix() string                               { return "tct:" }
 
 func TestMain(m *testing.M) {
 	s, cleanup, err := redistest.NewShared()
@@ -26,6 +48,19 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	srv = s
+	shared = standalone{s}
+	if os.Getenv("TIERCACHE_TEST_CLUSTER") == "1" {
+		c, err := redistest.NewCluster(redistest.ClusterConfig{})
+		if err != nil {
+			cleanup()
+			fmt.Fprintln(os.Stderr, "TIERCACHE_TEST_CLUSTER=1: cannot start a Redis Cluster:", err)
+			os.Exit(1)
+		}
+		stop := cleanup
+		cleanup = func() { c.Close(); stop() }
+		shared = clusterBackend{c}
+		fmt.Fprintln(os.Stderr, "tiered: shared-server tests run against a local Redis Cluster:", c.Addrs())
+	}
 	os.Setenv("TIERCACHE_EXAMPLE_REDIS", s.Addr())
 	code := m.Run()
 	cleanup()
@@ -51,12 +86,12 @@ func namespace(t testing.TB) string {
 
 // instance is one simulated process: its own client, Bus and Cache.
 type instance[V any] struct {
-	rdb *redis.Client
+	rdb redis.UniversalClient
 	bus *invalidate.Bus
 	c   *Cache[V]
 }
 
-func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client, o invalidate.Options) *invalidate.Bus {
+func newBus(t testing.TB, s backend, rdb redis.UniversalClient, o invalidate.Options) *invalidate.Bus {
 	t.Helper()
 	o.Prefix = s.Prefix()
 	bus, err := invalidate.New(rdb, o)
@@ -73,13 +108,13 @@ func newBus(t testing.TB, s *redistest.Server, rdb *redis.Client, o invalidate.O
 }
 
 // newFleet starts n instances of one namespace on server s.
-func newFleet[V any](t testing.TB, s *redistest.Server, n int, opts Options) []*instance[V] {
+func newFleet[V any](t testing.TB, s backend, n int, opts Options) []*instance[V] {
 	t.Helper()
 	return newFleetBus[V](t, s, n, opts, invalidate.Options{})
 }
 
 // newFleetBus is newFleet with Bus options (heartbeats).
-func newFleetBus[V any](t testing.TB, s *redistest.Server, n int, opts Options, bo invalidate.Options) []*instance[V] {
+func newFleetBus[V any](t testing.TB, s backend, n int, opts Options, bo invalidate.Options) []*instance[V] {
 	t.Helper()
 	ns := namespace(t)
 	if opts.KeyPrefix == "" {
@@ -104,7 +139,7 @@ func newFleetBus[V any](t testing.TB, s *redistest.Server, n int, opts Options, 
 
 func newCache[V any](t testing.TB, opts Options) *Cache[V] {
 	t.Helper()
-	return newFleet[V](t, srv, 1, opts)[0].c
+	return newFleet[V](t, shared, 1, opts)[0].c
 }
 
 func ctxT(t testing.TB) context.Context {

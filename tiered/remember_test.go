@@ -45,7 +45,7 @@ func waitWaiters[V any](t testing.TB, c *Cache[V], key string, n int) {
 }
 
 func TestRemember_ReadThrough(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	src := newSource()
 	src.put("k", "v1")
 	ctx := ctxT(t)
@@ -119,7 +119,7 @@ func TestRemember_Errors(t *testing.T) {
 
 // TestRemember_Negative: ErrNotFound is remembered in both tiers.
 func TestRemember_Negative(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	src := newSource()
 	ctx := ctxT(t)
 	for i := range 3 {
@@ -262,7 +262,7 @@ func TestRemember_LoaderPanics(t *testing.T) {
 // joins a load that started before it, and the old load's value is not
 // stored (pitfalls S4, C-d).
 func TestRemember_InvalidationDuringLoad(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	reader, writer := f[0].c, f[1].c
 	src := newSource()
 	src.put("k", "v1")
@@ -311,7 +311,7 @@ func TestRemember_InvalidationDuringLoad(t *testing.T) {
 // loader and concurrent writers on several instances: no value older than
 // the last completed write+invalidate may remain in Redis.
 func TestRemember_StaleFillFencedInRedis(t *testing.T) {
-	f := newFleet[string](t, srv, 3, Options{})
+	f := newFleet[string](t, shared, 3, Options{})
 	src := newSource()
 	ctx := ctxT(t)
 	const keys = 4
@@ -394,7 +394,7 @@ func TestRemember_StaleFillFencedInRedis(t *testing.T) {
 // TestRemember_Stampede: 4 instances × 250 goroutines on one cold key call
 // the loader at most once per instance.
 func TestRemember_Stampede(t *testing.T) {
-	f := newFleet[string](t, srv, 4, Options{})
+	f := newFleet[string](t, shared, 4, Options{})
 	src := newSource()
 	src.put("hot", "v")
 	bad := stampede(f, src)
@@ -441,7 +441,7 @@ func (s *source) batch(calls *[][]string, mu *sync.Mutex) BatchLoader[string] {
 }
 
 func TestRememberMany_LoadsOnlyWhatIsMissing(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{})
+	f := newFleet[string](t, shared, 2, Options{})
 	src := newSource()
 	src.put("b", "B")
 	src.put("d", "D")
@@ -527,7 +527,7 @@ func TestRememberMany_JoinsFlights(t *testing.T) {
 // TestRemember_StampedeWithLease: with Lease, 4 instances × 250 goroutines
 // on one cold key call the loader once in the whole fleet.
 func TestRemember_StampedeWithLease(t *testing.T) {
-	f := newFleet[string](t, srv, 4, Options{Lease: true})
+	f := newFleet[string](t, shared, 4, Options{Lease: true})
 	src := newSource()
 	src.put("hot", "v")
 	bad := stampede(f, src)
@@ -546,7 +546,7 @@ func TestRemember_StampedeWithLease(t *testing.T) {
 // value) is taken over when it expires, and a holder whose loader fails
 // releases the lease at once.
 func TestRemember_LeaseTakeover(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{Lease: true})
+	f := newFleet[string](t, shared, 2, Options{Lease: true})
 	c := f[0].c
 	src := newSource()
 	src.put("k", "v")
@@ -591,7 +591,7 @@ func TestRemember_LeaseTakeover(t *testing.T) {
 // with the stale value and refreshes it in the background, once; another
 // instance sees the staleness from Redis too.
 func TestRemember_StaleWhileRevalidate(t *testing.T) {
-	f := newFleet[string](t, srv, 2, Options{FreshFor: 150 * time.Millisecond})
+	f := newFleet[string](t, shared, 2, Options{FreshFor: 150 * time.Millisecond})
 	src := newSource()
 	src.put("k", "v1")
 	ctx := ctxT(t)

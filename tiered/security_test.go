@@ -59,7 +59,7 @@ func urlClient(t testing.TB, rawURL string, roots *x509.CertPool) *redis.Client 
 // live, and starts a Cache of namespace ns on rdb.
 func urlInstance(t testing.TB, s *redistest.Server, rdb *redis.Client, ns string, opts Options, bo invalidate.Options) *instance[string] {
 	t.Helper()
-	bus := newBus(t, s, rdb, bo)
+	bus := newBus(t, standalone{s}, rdb, bo)
 	opts.KeyPrefix = s.Prefix()
 	c, err := New[string](ns, rdb, bus, opts)
 	if err != nil {
