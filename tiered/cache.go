@@ -90,6 +90,9 @@ type Cache[V any] struct {
 
 	// forced is set by SetMode(ModeMemory): run on L1 alone.
 	forced atomic.Bool
+	// lastReload is when a ClusterClient's slot map was last reloaded
+	// after a failure (unix ns; see reloadCluster).
+	lastReload atomic.Int64
 
 	// closing is set first by Close so new calls fail fast; mu's write lock
 	// then waits for the slow-path calls already inside.

@@ -46,7 +46,25 @@ func (c *Cache[V]) report(start time.Time, err error) {
 	if errors.Is(err, context.DeadlineExceeded) && c.opts.CommandTimeout > 0 && time.Since(start) < c.opts.CommandTimeout*9/10 {
 		return
 	}
+	c.reloadCluster()
 	c.bus.Report(err)
+}
+
+// reloadCluster asks a ClusterClient to reload its slot map, at most every
+// 100 ms. go-redis reloads it only on MOVED/ASK or once a minute, not on
+// connection errors, so after a master dies and its replica takes over it
+// would keep sending that master's slots to the dead address.
+func (c *Cache[V]) reloadCluster() {
+	cc, ok := c.rdb.(*redis.ClusterClient)
+	if !ok {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := c.lastReload.Load()
+	if now-last < int64(100*time.Millisecond) || !c.lastReload.CompareAndSwap(last, now) {
+		return
+	}
+	cc.ReloadState(context.Background())
 }
 
 // memoryOnly reports whether the cache runs on L1 alone: ModeMemory, or
@@ -130,9 +148,14 @@ func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error
 	}
 	defer leave()
 	if flush {
-		return c.clearRedis(ctx)
+		err = c.clearRedis(ctx)
+	} else {
+		err = c.writeRedis(ctx, keys, c.deleteItem, false)
 	}
-	return c.writeRedis(ctx, keys, c.deleteItem, false)
+	if invalidate.Unavailable(err) {
+		c.reloadCluster()
+	}
+	return err
 }
 
 var _ invalidate.Replayer = handler[int]{}
