@@ -16,8 +16,8 @@ test: ## run every test with -race against private redis-server processes (what 
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server) or set REDIS_ADDR"; exit 1; }
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 10m $(PKGS)
-	@# The core and read-through suites again, against a local Redis Cluster (3 masters, 3 replicas).
-	TIERCACHE_TEST_CLUSTER=1 $(GO) test -race -count=1 -timeout 10m ./tiered/
+	@# The core and read-through suites again, against a local Redis Cluster (3 masters, 3 replicas), over sharded pub/sub.
+	TIERCACHE_TEST_CLUSTER=1 TIERCACHE_TEST_SHARDS=8 $(GO) test -race -count=1 -timeout 10m ./tiered/
 	@# Allocation counts mean nothing under -race, where those tests skip: run them without it.
 	$(GO) test -count=1 -run 'Allocs' ./tiered/
 

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"reflect"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -81,6 +82,20 @@ type Options struct {
 	MeterProvider  metric.MeterProvider
 	TracerProvider trace.TracerProvider
 
+	// ShardChannels, when positive, carries invalidations over sharded
+	// pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7 and later) on that many
+	// channels instead of one classic channel. Each channel has its own
+	// hash tag, so in a Redis Cluster the channels, and the load of
+	// delivering invalidations, spread over the shards instead of every
+	// message being broadcast to every node. The Bus holds one connection
+	// per channel; a channel whose slot migrates is resubscribed (Redis
+	// sends sunsubscribe; go-redis does not resubscribe by itself), and L1 is
+	// voided as after any gap. Caches on such a Bus keep each key in the
+	// slot of one of the channels (docs/wire.md), so a write and its
+	// invalidation stay one transaction. Zero means classic pub/sub, which
+	// a cluster broadcasts to every node.
+	ShardChannels int
+
 	// OutboxLimit bounds the keys kept in the outbox (see [Bus.Defer]);
 	// beyond it a namespace degrades to a flush. Zero means
 	// DefaultOutboxLimit.
@@ -105,6 +120,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.OutboxLimit <= 0 {
 		o.OutboxLimit = DefaultOutboxLimit
+	}
+	if o.ShardChannels < 0 || o.ShardChannels > 1024 {
+		return o, fmt.Errorf("invalidate: ShardChannels %d out of range 0..1024", o.ShardChannels)
 	}
 	switch {
 	case o.HeartbeatInterval < 0 || o.HeartbeatTimeout < 0:
@@ -209,8 +227,8 @@ type Bus struct {
 	handlers map[string]*registration
 	closed   bool
 
-	psMu     sync.Mutex
-	ps       *redis.PubSub // the current subscription; Close closes it to interrupt a blocked read
+	subs     []*sub     // one per channel
+	psMu     sync.Mutex // guards every sub's ps, and psClosed
 	psClosed bool
 
 	liveCh    chan struct{} // closed and replaced on every transition to live
@@ -234,7 +252,6 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 	b := &Bus{
 		rdb:      rdb,
 		opts:     opts,
-		channel:  opts.Prefix + "inv:1",
 		handlers: make(map[string]*registration),
 		liveCh:   make(chan struct{}),
 		stop:     make(chan struct{}),
@@ -250,17 +267,52 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 	if _, err := crand.Read(b.origin[:]); err != nil {
 		return nil, fmt.Errorf("invalidate: instance id: %w", err)
 	}
+	if opts.ShardChannels == 0 {
+		b.subs = []*sub{{channel: opts.Prefix + "inv:1"}}
+	} else {
+		for i := range opts.ShardChannels {
+			b.subs = append(b.subs, &sub{channel: b.ShardChannel(i), sharded: true})
+		}
+	}
+	b.channel = b.subs[0].channel
 	b.epoch.Store(1) // dead until the first subscription is confirmed
 	b.tel, err = metrics.NewBus(metrics.Providers{Meter: opts.MeterProvider, Tracer: opts.TracerProvider}, b.telemetry)
 	if err != nil {
 		return nil, fmt.Errorf("invalidate: telemetry: %w", err)
 	}
-	go b.run()
+	var runs sync.WaitGroup
+	for _, s := range b.subs {
+		runs.Go(func() { b.run(s) })
+	}
+	go func() {
+		runs.Wait()
+		close(b.done)
+	}()
 	go b.outboxLoop()
 	return b, nil
 }
 
-// Channel is the Redis channel the Bus subscribes and publishes to.
+// sub is one channel's subscription.
+type sub struct {
+	channel string
+	sharded bool
+	ps      *redis.PubSub // the current one, under Bus.psMu; Close closes it to interrupt a blocked read
+	live    bool          // confirmed, under Bus.stateMu
+}
+
+// Shards is Options.ShardChannels: 0 for classic pub/sub.
+func (b *Bus) Shards() int { return b.opts.ShardChannels }
+
+// ShardTag is the hash tag of shard channel i (0 <= i < Shards()): a
+// cache on a sharded Bus puts each key under one shard's tag, so the key
+// and the channel its invalidation goes to share a cluster slot.
+func (b *Bus) ShardTag(i int) string { return b.opts.Prefix + "s" + strconv.Itoa(i) }
+
+// ShardChannel is the name of shard channel i.
+func (b *Bus) ShardChannel(i int) string { return b.opts.Prefix + "inv:1:{" + b.ShardTag(i) + "}" }
+
+// Channel is the Redis channel the Bus publishes to outside writes: the
+// one classic channel, or with ShardChannels shard channel 0.
 func (b *Bus) Channel() string { return b.channel }
 
 // Origin is this Bus's random instance ID, carried in every message it
@@ -381,7 +433,13 @@ func (b *Bus) FlushMessagePrefix(ns string) ([]byte, error) {
 // publish inside their own script instead, so that the mutation and its
 // invalidation cannot half-happen.
 func (b *Bus) Publish(ctx context.Context, msg []byte) error {
-	if err := b.rdb.Publish(ctx, b.channel, msg).Err(); err != nil {
+	var err error
+	if b.opts.ShardChannels > 0 {
+		err = b.rdb.SPublish(ctx, b.channel, msg).Err()
+	} else {
+		err = b.rdb.Publish(ctx, b.channel, msg).Err()
+	}
+	if err != nil {
 		return fmt.Errorf("invalidate: publish: %w", err)
 	}
 	return nil
@@ -448,8 +506,10 @@ func (b *Bus) Close() error {
 		close(b.stop)
 		b.psMu.Lock()
 		b.psClosed = true
-		if b.ps != nil {
-			_ = b.ps.Close() // interrupts a read blocked in ReceiveTimeout
+		for _, s := range b.subs {
+			if s.ps != nil {
+				_ = s.ps.Close() // interrupts a read blocked in ReceiveTimeout
+			}
 		}
 		b.psMu.Unlock()
 		<-b.done
@@ -459,11 +519,16 @@ func (b *Bus) Close() error {
 	return nil
 }
 
-// setLive records whether the subscription is confirmed and moves the
-// epoch accordingly. Only the receive goroutine calls it.
-func (b *Bus) setLive(live bool) {
+// setLive records whether s's subscription is confirmed and moves the
+// epoch accordingly: the stream is trusted only while every channel is.
+// Only s's receive goroutine calls it.
+func (b *Bus) setLive(s *sub, live bool) {
 	b.stateMu.Lock()
-	b.subscribed = live
+	s.live = live
+	b.subscribed = true
+	for _, o := range b.subs {
+		b.subscribed = b.subscribed && o.live
+	}
 	b.updateEpochLocked()
 	b.stateMu.Unlock()
 }
@@ -496,8 +561,7 @@ func (b *Bus) logf(level slog.Level, msg string, args ...any) {
 // run owns the subscription: subscribe, confirm, receive with a deadline,
 // ping when idle, and on any error or silence declare the stream dead,
 // drop the connection and start over with backoff.
-func (b *Bus) run() {
-	defer close(b.done)
+func (b *Bus) run(s *sub) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
@@ -520,8 +584,8 @@ func (b *Bus) run() {
 			case <-t.C:
 			}
 		}
-		wasLive, err := b.session(ctx, &first)
-		b.setLive(false)
+		wasLive, err := b.session(ctx, s, &first)
+		b.setLive(s, false)
 		select {
 		case <-b.stop:
 			return
@@ -529,31 +593,46 @@ func (b *Bus) run() {
 		}
 		if wasLive {
 			backoff = 0
-			b.logf(slog.LevelWarn, "tiercache: invalidation stream lost; L1 bypassed until resubscribed", "err", err)
+			b.logf(slog.LevelWarn, "tiercache: invalidation stream lost; L1 bypassed until resubscribed", "subscription", s.channel, "err", err)
+		}
+		if cc, ok := b.rdb.(*redis.ClusterClient); ok {
+			// A moved slot (sunsubscribe) or a failed-over master: route
+			// the next subscription with a fresh slot map.
+			cc.ReloadState(ctx)
 		}
 		backoff = min(max(2*backoff, 25*time.Millisecond), 2*time.Second)
 	}
 }
 
 // session runs one subscription until it fails. It returns why.
-func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error) {
-	ps := b.rdb.Subscribe(ctx)
+func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, err error) {
+	var ps *redis.PubSub
+	if s.sharded {
+		ps = b.rdb.SSubscribe(ctx)
+	} else {
+		ps = b.rdb.Subscribe(ctx)
+	}
 	b.psMu.Lock()
 	if b.psClosed {
 		b.psMu.Unlock()
 		_ = ps.Close()
 		return false, ErrClosed
 	}
-	b.ps = ps
+	s.ps = ps
 	b.psMu.Unlock()
 	defer func() {
 		b.psMu.Lock()
-		b.ps = nil
+		s.ps = nil
 		b.psMu.Unlock()
 		_ = ps.Close()
 	}()
 	subCtx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
-	err = ps.Subscribe(subCtx, b.channel)
+	if s.sharded {
+		// A ClusterClient routes the connection by the channel's slot.
+		err = ps.SSubscribe(subCtx, s.channel)
+	} else {
+		err = ps.Subscribe(subCtx, s.channel)
+	}
 	cancel()
 	if err != nil {
 		return wasLive, fmt.Errorf("subscribe: %w", err)
@@ -628,7 +707,7 @@ func (b *Bus) session(ctx context.Context, first *bool) (wasLive bool, err error
 				b.logf(slog.LevelInfo, "tiercache: invalidation stream regained; L1 flushed")
 			}
 			*first = false
-			b.setLive(true)
+			b.setLive(s, true)
 			wasLive = true
 		case *redis.Message:
 			if err := b.dispatch(ctx, m.Payload); err != nil {

@@ -318,7 +318,11 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int)
 					p.Set(ctx, c.dataKey(gen, k), payload, max(ttl, time.Millisecond))
 				}
 			}
-			p.Publish(ctx, c.bus.Channel(), msg)
+			if c.tags != nil { // one shard per batch: see batches
+				p.SPublish(ctx, c.bus.ShardChannel(c.shard(part[0])), msg)
+			} else {
+				p.Publish(ctx, c.bus.Channel(), msg)
+			}
 			return nil
 		})
 		if err != nil {
@@ -351,13 +355,22 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, item func(int)
 // them: at most batchLimit keys each and, in a cluster, keys of one slot
 // each, since a transaction may not span slots there. PUBLISH has no key and
 // rides along with any slot.
+//
+// On a sharded Bus every batch holds keys of one shard, whose channel its
+// SPUBLISH uses (and whose tag puts the keys and the channel in one slot).
 func (c *Cache[V]) batches(gen uint64, keys []string) [][]int {
 	var out [][]int
-	if _, cluster := c.rdb.(*redis.ClusterClient); cluster && len(keys) > 1 {
+	_, cluster := c.rdb.(*redis.ClusterClient)
+	if c.tags != nil || (cluster && len(keys) > 1) {
 		bySlot := make(map[uint16][]int)
 		var order []uint16
 		for i, k := range keys {
-			s := keySlot(c.dataKey(gen, k))
+			var s uint16
+			if c.tags != nil {
+				s = uint16(c.shard(k))
+			} else {
+				s = keySlot(c.dataKey(gen, k))
+			}
 			if _, seen := bySlot[s]; !seen {
 				order = append(order, s)
 			}

@@ -84,6 +84,7 @@ type Cache[V any] struct {
 	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key)
 	base    string          // <prefix><name>:<schema>:
 	genKey  string
+	tags    []string // the Bus's shard tags; nil with classic pub/sub
 
 	flights    *flight.Group[readResult[V]]
 	unregister func()
@@ -164,6 +165,15 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			return nil, err
 		}
 		c.rdb, c.bus = rdb, bus
+		if n := bus.Shards(); n > 0 {
+			if opts.PlainJSON {
+				return nil, errors.New("tiered: PlainJSON keys carry no shard hash tag: use a Bus with classic pub/sub (ShardChannels 0)")
+			}
+			for i := range n {
+				c.tags = append(c.tags, bus.ShardTag(i))
+			}
+			c.genKey = c.base + "{" + c.tags[0] + "}nsgen"
+		}
 	}
 	if opts.Mode != ModeRedis && opts.L1TTL > 0 {
 		// No ristretto Metrics: its hit counter is one more contended atomic
@@ -648,12 +658,22 @@ func (c *Cache[V]) checkKey(key string) error {
 
 // dataKey is where key lives in Redis. The braces make the key's hash tag,
 // so a key and anything derived from it share a cluster slot.
+//
+// On a sharded Bus the hash tag is instead the tag of the key's shard
+// channel, so that the key and its invalidation share a slot:
+// <base><gen>:{<shard tag>}<key> (docs/wire.md).
 func (c *Cache[V]) dataKey(gen uint64, key string) string {
 	if c.opts.PlainJSON {
 		return c.opts.KeyPrefix + key
 	}
+	if c.tags != nil {
+		return c.base + strconv.FormatUint(gen, 10) + ":{" + c.tags[c.shard(key)] + "}" + key
+	}
 	return c.base + strconv.FormatUint(gen, 10) + ":{" + key + "}"
 }
+
+// shard is the shard channel of key on a sharded Bus.
+func (c *Cache[V]) shard(key string) int { return int(hashKey(key) % uint64(len(c.tags))) }
 
 // enter admits a slow-path call unless the cache is closing; leave must be
 // called when it is done.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,6 +27,20 @@ while n >= 128 do
 end
 s = s .. string.char(n)
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. s)
+return g`)
+
+// clearScriptSharded is clearScript for a sharded Bus: SPUBLISH on shard
+// channel 0, whose hash tag the generation key carries.
+var clearScriptSharded = redis.NewScript(`
+local g = redis.call('INCR', KEYS[1])
+local n = g
+local s = ''
+while n >= 128 do
+  s = s .. string.char(n % 128 + 128)
+  n = math.floor(n / 128)
+end
+s = s .. string.char(n)
+redis.call('SPUBLISH', ARGV[1], ARGV[2] .. s)
 return g`)
 
 // Clear empties the namespace in O(1): it bumps the namespace's generation
@@ -75,7 +90,11 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	g, err := clearScript.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Uint64()
+	script := clearScript
+	if c.tags != nil {
+		script = clearScriptSharded // the generation key shares shard 0's slot
+	}
+	g, err := script.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Uint64()
 	if err != nil {
 		return fmt.Errorf("tiered: clear: %w", err)
 	}
@@ -131,6 +150,13 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	if c.opts.PlainJSON {
 		before, after = c.opts.KeyPrefix, ""
 	}
+	if c.tags != nil {
+		// <base><gen>:{<shard tag>}<key>: any shard's tag. A '}' in a key
+		// can make the glob match a little more than asked, which only
+		// deletes more (a cache miss, never a stale read).
+		before = c.base + strconv.FormatUint(gen, 10) + ":{"
+		match = before + c.tags[0][:len(c.tags[0])-1] + "*}" + pattern
+	}
 	var mu sync.Mutex // ForEachMaster runs masters concurrently
 	var keys []string
 	cc, cluster := c.rdb.(*redis.ClusterClient)
@@ -183,7 +209,14 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	}
 	userKeys := make([]string, 0, len(keys))
 	for _, k := range keys {
-		if s, ok := strings.CutPrefix(k, before); ok {
+		s, ok := strings.CutPrefix(k, before)
+		switch {
+		case !ok:
+		case c.tags != nil:
+			if _, s, ok = strings.Cut(s, "}"); ok && s != "" {
+				userKeys = append(userKeys, s)
+			}
+		default:
 			if s, ok = strings.CutSuffix(s, after); ok && s != "" {
 				userKeys = append(userKeys, s)
 			}

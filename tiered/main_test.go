@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -25,6 +26,10 @@ var srv *redistest.Server
 // so the core and read-through suites run unchanged against a cluster
 // (make test runs both). Fault tests start their own servers either way.
 var shared backend
+
+// testShards is the shared-server tests' invalidate.Options.ShardChannels:
+// TIERCACHE_TEST_SHARDS=N runs them over sharded pub/sub on N channels.
+var testShards int
 
 // backend is a Redis deployment the tests can get clients of.
 type backend interface {
@@ -60,6 +65,14 @@ func TestMain(m *testing.M) {
 		cleanup = func() { c.Close(); stop() }
 		shared = clusterBackend{c}
 		fmt.Fprintln(os.Stderr, "tiered: shared-server tests run against a local Redis Cluster:", c.Addrs())
+	}
+	if v := os.Getenv("TIERCACHE_TEST_SHARDS"); v != "" {
+		if testShards, err = strconv.Atoi(v); err != nil || testShards < 0 {
+			cleanup()
+			fmt.Fprintln(os.Stderr, "TIERCACHE_TEST_SHARDS must be a count of channels:", v)
+			os.Exit(1)
+		}
+		fmt.Fprintf(os.Stderr, "tiered: shared-server tests use sharded pub/sub on %d channels\n", testShards)
 	}
 	os.Setenv("TIERCACHE_EXAMPLE_REDIS", s.Addr())
 	code := m.Run()
@@ -116,6 +129,9 @@ func newFleet[V any](t testing.TB, s backend, n int, opts Options) []*instance[V
 // newFleetBus is newFleet with Bus options (heartbeats).
 func newFleetBus[V any](t testing.TB, s backend, n int, opts Options, bo invalidate.Options) []*instance[V] {
 	t.Helper()
+	if s == shared && !opts.PlainJSON && bo.ShardChannels == 0 {
+		bo.ShardChannels = testShards
+	}
 	ns := namespace(t)
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
