@@ -126,4 +126,3 @@ func BenchmarkDeployments(b *testing.B) {
 		})
 	}
 }
-
