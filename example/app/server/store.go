@@ -115,11 +115,29 @@ func OpenStore(ctx context.Context, cfg Config, mp metric.MeterProvider) (*Store
 		s.db.Close()
 		return nil, err
 	}
-	if err := s.migrate(ctx, cfg.SeedUsers, cfg.SeedLicenses); err != nil {
-		s.db.Close()
-		return nil, fmt.Errorf("prepare %s database: %w", s.driver, err)
+	for attempt := 1; ; attempt++ {
+		err := s.migrate(ctx, cfg.SeedUsers, cfg.SeedLicenses)
+		if err == nil {
+			return s, nil
+		}
+		// Several instances opening a new SQLite file at once can deadlock
+		// switching it to WAL (each holds a shared lock and wants the
+		// exclusive one); SQLite then fails one at once, without waiting
+		// busy_timeout. The file is in WAL mode by then: try again.
+		if !isBusy(err) || attempt == 50 || ctx.Err() != nil {
+			s.db.Close()
+			return nil, fmt.Errorf("prepare %s database: %w", s.driver, err)
+		}
+		time.Sleep(time.Duration(10+rand.IntN(40)) * time.Millisecond)
 	}
-	return s, nil
+}
+
+// isBusy reports whether err is SQLite's SQLITE_BUSY (or one of its
+// extended codes).
+func isBusy(err error) bool {
+	const sqliteBusy = 5
+	var e interface{ Code() int }
+	return errors.As(err, &e) && e.Code()&0xff == sqliteBusy
 }
 
 // Driver is "sqlite" or "postgres".
