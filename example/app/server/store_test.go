@@ -17,7 +17,7 @@ import (
 func TestOpenStore_ConcurrentFirstStart(t *testing.T) {
 	const rounds, instances = 8, 4
 	for r := range rounds {
-		cfg := Config{SQLitePath: filepath.Join(t.TempDir(), fmt.Sprintf("race-%d.db", r)), SeedUsers: 3000, SeedLicenses: 500}
+		cfg := Config{SQLitePath: filepath.Join(t.TempDir(), fmt.Sprintf("race-%d.db", r)), SeedUsers: 1000, SeedLicenses: 200}
 		var wg sync.WaitGroup
 		stores := make([]*Store, instances)
 		errs := make([]error, instances)
@@ -39,8 +39,8 @@ func TestOpenStore_ConcurrentFirstStart(t *testing.T) {
 		}
 		for i, s := range stores {
 			users, licenses, err := s.Count(context.Background())
-			if err != nil || users != 3000 || licenses != 500 {
-				t.Errorf("round %d: instance %d counts %d users, %d licenses (%v); want 3000 and 500, seeded once", r, i, users, licenses, err)
+			if err != nil || users != 1000 || licenses != 200 {
+				t.Errorf("round %d: instance %d counts %d users, %d licenses (%v); want 1000 and 200, seeded once", r, i, users, licenses, err)
 			}
 			s.Close()
 		}
