@@ -277,7 +277,7 @@ func (e *env) size(name string, def int64) int64 {
 	if s == "" {
 		return def
 	}
-	num := strings.TrimRight(s, "KMGiBkmgib ")
+	num := strings.TrimRightFunc(s, func(r rune) bool { return r < '0' || r > '9' })
 	unit := strings.ToLower(strings.TrimSpace(s[len(num):]))
 	mult, ok := map[string]int64{"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}[unit]
 	n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)

@@ -100,3 +100,17 @@ func TestLoadConfig_Errors(t *testing.T) {
 		t.Errorf("two bad variables: error = %v, want both named", err)
 	}
 }
+
+func TestLoadConfig_Sizes(t *testing.T) {
+	for in, want := range map[string]int64{"1048576": 1 << 20, "64MiB": 64 << 20, "100MB": 100e6, "2 GiB": 2 << 30, "512kb": 512e3, "7b": 7} {
+		c, err := LoadConfig(envOf(map[string]string{"CACHE_L1_SIZE": in}))
+		if err != nil || c.L1Size != want {
+			t.Errorf("CACHE_L1_SIZE=%q: %d, %v; want %d", in, c.L1Size, err, want)
+		}
+	}
+	for _, bad := range []string{"MiB", "-5MB", "12 parsecs", "1.5GB", "0"} {
+		if _, err := LoadConfig(envOf(map[string]string{"CACHE_L1_SIZE": bad})); err == nil {
+			t.Errorf("CACHE_L1_SIZE=%q: no error", bad)
+		}
+	}
+}
