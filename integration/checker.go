@@ -1,8 +1,11 @@
 // Package integration is tiercache's coherence checker: a fleet of
-// instances over one Redis, each with its own client (behind its own fault
-// proxy), Bus and Cache, driven by writers and readers that record every
-// operation, and an offline check of those records against the staleness
-// rule.
+// instances over one Redis deployment, each with its own client, Bus and
+// Cache, driven by writers and readers that record every operation, and an
+// offline check of those records against the staleness rule. Over a
+// standalone Redis each client reaches it through its own fault proxy
+// ([NewFleet]); over a Redis Cluster or a Sentinel set-up each has its own
+// cluster or failover client and the faults are in the deployment itself
+// ([NewClusterFleet], [NewFailoverFleet]).
 //
 // # The rule
 //
@@ -33,8 +36,9 @@
 //
 // # Lifecycle
 //
-// [NewFleet] starts the proxies, clients, Buses and caches; [Fleet.Close]
-// stops them all. The Redis server belongs to the caller.
+// [NewFleet], [NewClusterFleet] and [NewFailoverFleet] start the proxies
+// (if any), clients, Buses and caches; [Fleet.Close] stops them all. The
+// Redis servers belong to the caller.
 package integration
 
 import (
@@ -210,12 +214,16 @@ func (d *DB) Load(ctx context.Context, key string) (int64, error) {
 	return v, nil
 }
 
-// Instance is one simulated process: a fault proxy in front of the Redis,
-// a client through it, a Bus and a Cache.
+// Instance is one simulated process: its own client, Bus and Cache, and
+// over a standalone Redis a fault proxy the client dials through.
 type Instance struct {
-	ID     int
-	Proxy  *faultproxy.Proxy
-	Client *redis.Client
+	ID int
+	// Proxy is the fault proxy in front of the standalone Redis; nil in a
+	// Fleet from NewClusterFleet or NewFailoverFleet.
+	Proxy *faultproxy.Proxy
+	// Client is a *redis.Client (through Proxy, or a Sentinel failover
+	// client) or a *redis.ClusterClient.
+	Client redis.UniversalClient
 	Bus    *invalidate.Bus
 	Cache  *tiered.Cache[int64]
 
@@ -234,9 +242,10 @@ func (in *Instance) SetWritable(on bool) {
 	in.mu.Unlock()
 }
 
-// Fleet is Config.Instances instances of one namespace over one Redis, the
-// database they load from, and the load that drives them. Its methods are
-// meant for one goroutine (the test's); RunPhase calls are sequential.
+// Fleet is Config.Instances instances of one namespace over one Redis
+// deployment, the database they load from, and the load that drives them.
+// Its methods are meant for one goroutine (the test's); RunPhase calls are
+// sequential.
 type Fleet struct {
 	cfg   Config
 	db    *DB
@@ -248,11 +257,53 @@ type Fleet struct {
 	last []writeRec
 }
 
-// NewFleet starts cfg.Instances instances against the Redis that opts
-// describes (opts is copied; each instance dials through its own proxy and
-// gets ContextTimeoutEnabled). prefix scopes the Buses' channel and the
+// NewFleet starts cfg.Instances instances against the standalone Redis that
+// opts describes (opts is copied; each instance dials through its own proxy
+// and gets ContextTimeoutEnabled). prefix scopes the Buses' channel and the
 // caches' keys. Close the Fleet when done.
 func NewFleet(cfg Config, opts *redis.Options, prefix string) (*Fleet, error) {
+	return newFleet(cfg, prefix, func() (redis.UniversalClient, *faultproxy.Proxy, error) {
+		p, err := faultproxy.Start(opts.Addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("proxy: %w", err)
+		}
+		o := *opts
+		o.Addr = p.Addr()
+		o.ContextTimeoutEnabled = true
+		return redis.NewClient(&o), p, nil
+	})
+}
+
+// NewClusterFleet starts cfg.Instances instances against the Redis Cluster
+// that opts describes, each with its own *redis.ClusterClient (opts is
+// copied and gets ContextTimeoutEnabled) and no proxy: a test injects its
+// faults into the cluster (a slot migration, a killed master). prefix is as
+// for NewFleet. Close the Fleet when done.
+func NewClusterFleet(cfg Config, opts *redis.ClusterOptions, prefix string) (*Fleet, error) {
+	return newFleet(cfg, prefix, func() (redis.UniversalClient, *faultproxy.Proxy, error) {
+		o := *opts
+		o.ContextTimeoutEnabled = true
+		return redis.NewClusterClient(&o), nil, nil
+	})
+}
+
+// NewFailoverFleet starts cfg.Instances instances against the Sentinel
+// set-up that opts describes, each with its own failover client
+// (redis.NewFailoverClient; opts is copied and gets ContextTimeoutEnabled)
+// and no proxy. prefix is as for NewFleet. Close the Fleet when done.
+func NewFailoverFleet(cfg Config, opts *redis.FailoverOptions, prefix string) (*Fleet, error) {
+	return newFleet(cfg, prefix, func() (redis.UniversalClient, *faultproxy.Proxy, error) {
+		o := *opts
+		o.ContextTimeoutEnabled = true
+		return redis.NewFailoverClient(&o), nil, nil
+	})
+}
+
+// dialFunc makes one instance's client and, over a standalone Redis, the
+// proxy it dials through (nil otherwise).
+type dialFunc func() (redis.UniversalClient, *faultproxy.Proxy, error)
+
+func newFleet(cfg Config, prefix string, dial dialFunc) (*Fleet, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -265,7 +316,7 @@ func NewFleet(cfg Config, opts *redis.Options, prefix string) (*Fleet, error) {
 		f.db.index[k] = i
 	}
 	for i := range cfg.Instances {
-		in, err := f.newInstance(i, opts, prefix)
+		in, err := f.newInstance(i, dial, prefix)
 		if err != nil {
 			return nil, errors.Join(err, f.Close())
 		}
@@ -274,25 +325,32 @@ func NewFleet(cfg Config, opts *redis.Options, prefix string) (*Fleet, error) {
 	return f, nil
 }
 
-func (f *Fleet) newInstance(id int, base *redis.Options, prefix string) (*Instance, error) {
-	p, err := faultproxy.Start(base.Addr)
+func (f *Fleet) newInstance(id int, dial dialFunc, prefix string) (*Instance, error) {
+	rdb, p, err := dial()
 	if err != nil {
-		return nil, fmt.Errorf("integration: instance %d: proxy: %w", id, err)
+		return nil, fmt.Errorf("integration: instance %d: %w", id, err)
 	}
-	opt := *base
-	opt.Addr = p.Addr()
-	opt.ContextTimeoutEnabled = true
-	rdb := redis.NewClient(&opt)
+	closeConn := func() error {
+		err := rdb.Close()
+		if p != nil {
+			err = errors.Join(err, p.Close())
+		}
+		return err
+	}
 	bus, err := invalidate.New(rdb, invalidate.Options{Prefix: prefix, HeartbeatInterval: f.cfg.HeartbeatInterval, HeartbeatTimeout: f.cfg.HeartbeatTimeout})
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("integration: instance %d: bus: %w", id, err), rdb.Close(), p.Close())
+		return nil, errors.Join(fmt.Errorf("integration: instance %d: bus: %w", id, err), closeConn())
 	}
 	c, err := tiered.New[int64](Namespace, rdb, bus, tiered.Options{KeyPrefix: prefix, CommandTimeout: f.cfg.CommandTimeout})
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("integration: instance %d: cache: %w", id, err), bus.Close(), rdb.Close(), p.Close())
+		return nil, errors.Join(fmt.Errorf("integration: instance %d: cache: %w", id, err), bus.Close(), closeConn())
 	}
 	return &Instance{ID: id, Proxy: p, Client: rdb, Bus: bus, Cache: c}, nil
 }
+
+// Keys returns the load's keys, key i at index i (the Zipf skew makes the
+// first ones the hottest). The caller owns the slice.
+func (f *Fleet) Keys() []string { return slices.Clone(f.keys) }
 
 // Config is the Fleet's configuration, defaults filled in.
 func (f *Fleet) Config() Config { return f.cfg }
@@ -313,8 +371,8 @@ func (f *Fleet) WaitLive(ctx context.Context) error {
 	return nil
 }
 
-// Close closes the caches, then the Buses, the clients and the proxies.
-// It is idempotent in effect (each part's Close is).
+// Close closes the caches, then the Buses, the clients and the proxies (if
+// any). It is idempotent in effect (each part's Close is).
 func (f *Fleet) Close() error {
 	var errs []error
 	for _, in := range f.insts {
@@ -329,7 +387,9 @@ func (f *Fleet) Close() error {
 		}
 	}
 	for _, in := range f.insts {
-		errs = append(errs, in.Proxy.Close())
+		if in.Proxy != nil {
+			errs = append(errs, in.Proxy.Close())
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -121,8 +121,15 @@ func cutOff(blackhole bool) func(*testing.T, context.Context, *redistest.Server,
 func startFleet(t *testing.T, srv *redistest.Server, cfg Config) *Fleet {
 	t.Helper()
 	f, err := NewFleet(cfg, srv.Options(), srv.Prefix())
+	return keepFleet(t, "NewFleet", f, err)
+}
+
+// keepFleet fails t on err from the constructor named what, closes f when
+// the test ends and waits until every Bus is live.
+func keepFleet(t *testing.T, what string, f *Fleet, err error) *Fleet {
+	t.Helper()
 	if err != nil {
-		t.Fatalf("NewFleet: %v", err)
+		t.Fatalf("%s: %v", what, err)
 	}
 	t.Cleanup(func() {
 		if err := f.Close(); err != nil {
@@ -142,26 +149,35 @@ func startFleet(t *testing.T, srv *redistest.Server, cfg Config) *Fleet {
 func runCoherence(t *testing.T, cfg Config) []PhaseReport {
 	srv := redistest.Start(t)
 	f := startFleet(t, srv, cfg)
-	cfg = f.Config()
 	var reports []PhaseReport
 	for _, spec := range phases {
 		t.Run(spec.name, func(t *testing.T) {
-			p := Phase{Name: spec.name, Strict: spec.strict}
-			if !spec.strict {
-				p.Bound = cfg.HeartbeatTimeout + cfg.Delta
-			}
+			var fault func(context.Context, time.Duration)
 			if spec.fault != nil {
-				p.Fault = func(ctx context.Context, window time.Duration) { spec.fault(t, ctx, srv, f, window) }
+				fault = func(ctx context.Context, window time.Duration) { spec.fault(t, ctx, srv, f, window) }
 			}
-			rep := f.RunPhase(t.Context(), p)
-			reports = append(reports, rep)
-			t.Log("\n" + FormatTable([]PhaseReport{rep}))
-			for _, s := range rep.Failures() {
-				t.Errorf("%s: %s", spec.name, s)
-			}
+			reports = append(reports, runChecked(t, f, spec.name, spec.strict, fault))
 		})
 	}
 	return reports
+}
+
+// runChecked runs one phase on f, logs its table and fails t for each bar
+// it misses. A strict phase (no fault) allows no violation at δ; any other
+// a worst staleness of HeartbeatTimeout + δ.
+func runChecked(t *testing.T, f *Fleet, name string, strict bool, fault func(context.Context, time.Duration)) PhaseReport {
+	t.Helper()
+	cfg := f.Config()
+	p := Phase{Name: name, Strict: strict, Fault: fault}
+	if !strict {
+		p.Bound = cfg.HeartbeatTimeout + cfg.Delta
+	}
+	rep := f.RunPhase(t.Context(), p)
+	t.Log("\n" + FormatTable([]PhaseReport{rep}))
+	for _, s := range rep.Failures() {
+		t.Errorf("%s: %s", name, s)
+	}
+	return rep
 }
 
 // TestCoherence is the checker as CI runs it (under -race): four instances,
