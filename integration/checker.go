@@ -436,6 +436,12 @@ type PhaseReport struct {
 	// Config.RecoveryBound; RecoveryTime is how long that took.
 	Recovered    bool
 	RecoveryTime time.Duration
+	// LastWriteError is when the phase's last failed write ended, from the
+	// end of the fault (negative: before the fault ended); WritesAfter
+	// counts the writes that began after it, all of which returned. Both
+	// are zero when no write failed.
+	LastWriteError time.Duration
+	WritesAfter    int
 	// Strict is Phase.Strict.
 	Strict bool
 	// Notes carry evidence: per-instance read errors, error samples, the
@@ -670,12 +676,28 @@ func (f *Fleet) RunPhase(ctx context.Context, p Phase) PhaseReport {
 		rep.MaxReadLatency = max(rep.MaxReadLatency, r.end-r.start)
 	}
 	ok := 0
+	lastErr := time.Duration(-1)
 	for _, w := range writes {
 		if w.ok {
 			ok++
 		} else {
 			rep.WriteErrors++
+			lastErr = max(lastErr, w.end)
 		}
+	}
+	if rep.WriteErrors > 0 {
+		faultEnd := faultStart.Sub(f.base) + rep.Fault
+		rep.LastWriteError = lastErr - faultEnd
+		for _, w := range writes {
+			if w.start > lastErr {
+				rep.WritesAfter++
+			}
+		}
+		rel := fmtDur(rep.LastWriteError) + " after"
+		if rep.LastWriteError < 0 {
+			rel = fmtDur(-rep.LastWriteError) + " before"
+		}
+		rep.Notes = append(rep.Notes, fmt.Sprintf("the last failed write ended %s the fault ended; %d writes began after it, and all returned", rel, rep.WritesAfter))
 	}
 	st := analyze(cfg.Keys, seeds, writes, reads, cfg.Delta, rep.Bound)
 	rep.Violations, rep.OverBound, rep.WorstStaleness = st.violations, st.overBound, st.worst
@@ -687,6 +709,14 @@ func (f *Fleet) RunPhase(ctx context.Context, p Phase) PhaseReport {
 	}
 	if st.behind > 0 {
 		rep.Notes = append(rep.Notes, fmt.Sprintf("%d reads were behind a returned write, %d of them by more than δ", st.behind, st.violations))
+	}
+	if st.overBound > 0 {
+		by := make([]int, cfg.Instances)
+		for i, n := range st.overByInst {
+			by[i] = n
+		}
+		rep.Notes = append(rep.Notes, fmt.Sprintf("reads over the bound by instance: %v, of %d keys, begun between %v and %v",
+			by, len(st.overKeys), fmtDur(st.overFrom), fmtDur(st.overTo)))
 	}
 	if st.worst > 0 {
 		r := st.worstRead
@@ -951,6 +981,11 @@ type staleness struct {
 	worst                 time.Duration
 	worstRead             readRec
 	worstNewer            writeRec // the earliest returned write newer than worstRead saw
+	// The reads over the bound: how many per instance, their keys, and the
+	// span of their start times.
+	overByInst       map[int16]int
+	overKeys         map[int32]bool
+	overFrom, overTo time.Duration
 }
 
 // analyze checks reads against the writes that had returned before each
@@ -1006,7 +1041,14 @@ func analyze(keys int, seeds, writes []writeRec, reads []readRec, delta, bound t
 			st.violations++
 		}
 		if s > bound {
+			if st.overBound == 0 {
+				st.overByInst, st.overKeys = map[int16]int{}, map[int32]bool{}
+				st.overFrom, st.overTo = r.start, r.start
+			}
 			st.overBound++
+			st.overByInst[r.inst]++
+			st.overKeys[r.key] = true
+			st.overFrom, st.overTo = min(st.overFrom, r.start), max(st.overTo, r.start)
 		}
 		if s > st.worst {
 			st.worst, st.worstRead, st.worstNewer = s, r, h.first[j]

@@ -269,4 +269,7 @@ func TestAnalyze(t *testing.T) {
 	if st.worstRead.inst != 3 || st.worstNewer.version != 2 || st.worstNewer.inst != 1 {
 		t.Errorf("worst read = %+v behind %+v; want the read on instance 3 behind v2 written through instance 1", st.worstRead, st.worstNewer)
 	}
+	if len(st.overByInst) != 1 || st.overByInst[3] != 1 || len(st.overKeys) != 1 || !st.overKeys[0] || st.overFrom != ms(200) || st.overTo != ms(200) {
+		t.Errorf("over the bound: by instance %v, keys %v, from %v to %v; want 1 read on instance 3, key 0, at 200ms", st.overByInst, st.overKeys, st.overFrom, st.overTo)
+	}
 }
