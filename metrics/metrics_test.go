@@ -344,12 +344,12 @@ func TestInstrumentsMove(t *testing.T) {
 		check("name", sp.Name())
 		check("status", sp.Status().Description)
 		for _, kv := range sp.Attributes() {
-			check("attribute "+string(kv.Key), kv.Value.Emit())
+			check("attribute "+string(kv.Key), kv.Value.String())
 		}
 		for _, ev := range sp.Events() {
 			check("event "+ev.Name, ev.Name)
 			for _, kv := range ev.Attributes {
-				check("event attribute "+string(kv.Key), kv.Value.Emit())
+				check("event attribute "+string(kv.Key), kv.Value.String())
 			}
 		}
 	}
@@ -373,7 +373,7 @@ func TestInstrumentsMove(t *testing.T) {
 func attr(kvs []attribute.KeyValue, key string) (string, bool) {
 	for _, kv := range kvs {
 		if string(kv.Key) == key {
-			return kv.Value.Emit(), true
+			return kv.Value.String(), true
 		}
 	}
 	return "", false
