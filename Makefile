@@ -26,9 +26,9 @@ demo: ## the example fleet: throwaway redis-server (or REDIS_URL), 3 app instanc
 	$(GO) run ./example/demo $(DEMO_ARGS)
 
 .PHONY: soak
-soak: ## the coherence checker's long run: every fault phase for SOAK_PHASE (30s) each, more instances and readers
+soak: ## the coherence checker's long run: every fault phase (standalone, then cluster) for SOAK_PHASE (30s) each, more instances and readers
 	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server)"; exit 1; }
-	TIERCACHE_SOAK=1 TIERCACHE_SOAK_PHASE=$(SOAK_PHASE) $(GO) test -count=1 -timeout 60m -run '^TestSoak$$' -v ./integration/
+	TIERCACHE_SOAK=1 TIERCACHE_SOAK_PHASE=$(SOAK_PHASE) $(GO) test -count=1 -timeout 60m -run '^TestSoak(Cluster)?$$' -v ./integration/
 
 .PHONY: bench
 bench: ## run the benchmarks beside their bare-dependency baselines; compare with benchstat

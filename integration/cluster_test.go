@@ -141,8 +141,29 @@ const liveAfterFailover = 10 * time.Second
 // subscription goes through. The bars are TestCoherence's.
 func TestCoherenceCluster(t *testing.T) {
 	start := time.Now()
+	reports := runCluster(t, clusterConfig)
+	t.Logf("coherence checker on a cluster, %d phases in %v:\n%s", len(reports), time.Since(start).Round(time.Millisecond), FormatTable(reports))
+}
+
+// TestSoakCluster is TestSoak's load on a cluster, through
+// TestCoherenceCluster's phases (make soak). It runs only with
+// TIERCACHE_SOAK=1.
+func TestSoakCluster(t *testing.T) {
+	cfg, d := soakConfig(t)
+	start := time.Now()
+	reports := runCluster(t, cfg)
+	table := FormatTable(reports)
+	t.Logf("cluster soak, %d phases of %v in %v:\n%s", len(reports), d, time.Since(start).Round(time.Millisecond), table)
+	fmt.Printf("\ncluster soak, %d phases of %v:\n\n%s\n", len(reports), d, table)
+}
+
+// runCluster starts a private Redis Cluster and a Fleet on it, runs every
+// cluster phase as a subtest (failing it when it misses a bar) and returns
+// the reports.
+func runCluster(t *testing.T, cfg Config) []PhaseReport {
+	start := time.Now()
 	c := redistest.StartCluster(t, redistest.ClusterConfig{})
-	f, err := NewClusterFleet(clusterConfig, c.Options(), clusterPrefix)
+	f, err := NewClusterFleet(cfg, c.Options(), clusterPrefix)
 	f = keepFleet(t, "NewClusterFleet", f, err)
 	t.Logf("cluster up and fleet live in %v", time.Since(start).Round(time.Millisecond))
 	var reports []PhaseReport
@@ -155,7 +176,7 @@ func TestCoherenceCluster(t *testing.T) {
 			reports = append(reports, runChecked(t, f, spec.name, spec.strict, fault))
 		})
 	}
-	t.Logf("coherence checker on a cluster, %d phases in %v:\n%s", len(reports), time.Since(start).Round(time.Millisecond), FormatTable(reports))
+	return reports
 }
 
 // clusterPrefix and sentinelPrefix scope the keys and channel on the

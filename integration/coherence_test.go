@@ -194,6 +194,17 @@ func TestCoherence(t *testing.T) {
 // and keys (Zipf), 30 s phases (TIERCACHE_SOAK_PHASE overrides). It runs
 // only with TIERCACHE_SOAK=1.
 func TestSoak(t *testing.T) {
+	cfg, d := soakConfig(t)
+	start := time.Now()
+	reports := runCoherence(t, cfg)
+	table := FormatTable(reports)
+	t.Logf("soak, %d phases of %v in %v:\n%s", len(reports), d, time.Since(start).Round(time.Millisecond), table)
+	fmt.Printf("\nsoak, %d phases of %v:\n\n%s\n", len(reports), d, table)
+}
+
+// soakConfig is the soak's load, with phases of TIERCACHE_SOAK_PHASE (30 s
+// by default); it skips t unless TIERCACHE_SOAK=1.
+func soakConfig(t *testing.T) (Config, time.Duration) {
 	if os.Getenv("TIERCACHE_SOAK") != "1" {
 		t.Skip("the soak runs with TIERCACHE_SOAK=1 (make soak)")
 	}
@@ -204,14 +215,10 @@ func TestSoak(t *testing.T) {
 			t.Fatalf("TIERCACHE_SOAK_PHASE=%q: want a positive duration (%v)", s, err)
 		}
 	}
-	start := time.Now()
-	reports := runCoherence(t, Config{
+	return Config{
 		Instances: 6, Keys: 256, Writers: 6, ReadersPerInstance: 4, Zipf: 1.1,
 		PhaseDuration: d, ReadInterval: 500 * time.Microsecond,
-	})
-	table := FormatTable(reports)
-	t.Logf("soak, %d phases of %v in %v:\n%s", len(reports), d, time.Since(start).Round(time.Millisecond), table)
-	fmt.Printf("\nsoak, %d phases of %v:\n\n%s\n", len(reports), d, table)
+	}, d
 }
 
 // TestCheckerSeesStaleness is the checker's negative control, end to end:
