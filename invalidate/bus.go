@@ -600,7 +600,9 @@ func (b *Bus) run(s *sub) {
 			// the next subscription with a fresh slot map.
 			cc.ReloadState(ctx)
 		}
-		backoff = min(max(2*backoff, 25*time.Millisecond), 2*time.Second)
+		// Capped near HeartbeatTimeout: a stream back after an outage is
+		// trusted again within about one timeout, not seconds later.
+		backoff = min(max(2*backoff, 25*time.Millisecond), max(b.opts.HeartbeatTimeout, 250*time.Millisecond))
 	}
 }
 

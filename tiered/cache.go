@@ -262,12 +262,18 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error
 // valid is the fence: an L1 entry counts only if it has not expired and
 // nothing that could have changed its key happened since the read that
 // produced it.
+//
+// An entry filled while the stream was untrusted (an odd epoch) is checked
+// against the real clock too: the coarse clock is a goroutine, and under a
+// CPU-starved process it can fall behind by more than such an entry's whole
+// life (DegradedL1TTL), which is its only staleness bound.
 func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 	return e.key == key &&
 		e.expires > c.now.Load() &&
 		e.stripe == c.stripes[h&stripeMask].Load() &&
 		e.ns == c.nsEpoch.Load() &&
-		e.epoch == c.busEpoch()
+		e.epoch == c.busEpoch() &&
+		(e.epoch&1 == 0 || e.expires > time.Now().UnixNano())
 }
 
 func (c *Cache[V]) busEpoch() uint64 {

@@ -503,3 +503,31 @@ func TestSecretClearVoidsOneNamespace(t *testing.T) {
 		t.Fatal("the other namespace's L1 was voided by the flush")
 	}
 }
+
+// TestDegradedEntryUsesRealClock: an entry filled while the stream is
+// untrusted lives DegradedL1TTL by the real clock, even when the coarse
+// clock has stopped advancing (its goroutine starved in a loaded process):
+// that TTL is the entry's only staleness bound.
+func TestDegradedEntryUsesRealClock(t *testing.T) {
+	s := redistest.Start(t)
+	a := direct[string](t, s, namespace(t), Options{CommandTimeout: 100 * time.Millisecond, DegradedL1TTL: 100 * time.Millisecond}, faultBus)
+	ctx := ctxT(t)
+	s.Stop(t)
+	eventually(t, 5*time.Second, "the Bus to notice Redis is gone", func() bool { return !a.bus.Live() })
+	src := &versioned{}
+	if _, err := a.c.Remember(ctx, "k", src.load); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.c.Remember(ctx, "k", src.load); err != nil || src.calls.Load() != 1 {
+		t.Fatalf("the degraded entry was not kept: %d loads, %v", src.calls.Load(), err)
+	}
+	// The coarse clock stops here, as if its goroutine were starved.
+	a.c.clk.stopClock()
+	time.Sleep(150 * time.Millisecond) // real time passing is the point
+	if _, err := a.c.Remember(ctx, "k", src.load); err != nil {
+		t.Fatal(err)
+	}
+	if n := src.calls.Load(); n != 2 {
+		t.Fatalf("%d loads: the degraded entry outlived DegradedL1TTL by the real clock", n)
+	}
+}

@@ -94,8 +94,7 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 	return c.rememberSlow(ctx, key, load)
 }
 
-// refreshAsync starts a background refresh of key unless one is in flight,
-// and returns the refresh function, for a caller that wants to wait for it.
+// refreshAsync starts a background refresh of key unless one is in flight.
 // A failed refresh keeps the old value (fail-safe) and holds off retries for
 // RetryThrottle. With Options.Lease one instance of the fleet refreshes;
 // the others find the value still in Redis and keep serving it.
@@ -103,9 +102,9 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 // replace is the write ID of the value being refreshed: the refresh loads
 // only if Redis still holds that write; if another instance has refreshed
 // it already, it takes that value instead.
-func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) func(context.Context) (readResult[V], error) {
+func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) {
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
-		return func(context.Context) (readResult[V], error) { return readResult[V]{stale: true}, errThrottled }
+		return
 	}
 	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
 	refresh := func(ctx context.Context) (readResult[V], error) {
@@ -120,11 +119,7 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64,
 		return r, err
 	}
 	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
-	return refresh
 }
-
-// errThrottled is what a waiter for a throttled refresh gets: serve stale.
-var errThrottled = errors.New("tiered: refresh throttled after a failure")
 
 // rememberStale serves a stale value (Options.FreshFor) and refreshes it:
 // in the background, once per key, at most every RetryThrottle after a
@@ -135,13 +130,18 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
 		return stale, nil
 	}
-	refresh := c.refreshAsync(ctx, key, wid, load)
+	c.refreshAsync(ctx, key, wid, load)
 	if c.opts.SoftTimeout <= 0 {
 		return stale, nil
 	}
 	wctx, cancel := context.WithTimeout(ctx, c.opts.SoftTimeout)
 	defer cancel()
-	r, err, _ := c.flights.Do(wctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+	// Join the refresh in flight. If it has finished already, run no other
+	// (refreshAsync decides, under the throttle): a second one here, started
+	// just after a failure and before its throttle was read, loaded twice.
+	r, err, _ := c.flights.Do(wctx, rememberKey(key), c.opts.LoadTimeout, func(context.Context) (readResult[V], error) {
+		return readResult[V]{stale: true}, nil
+	})
 	switch {
 	case err != nil || r.stale: // slow, or failing: fail-safe
 		return stale, nil
