@@ -845,7 +845,11 @@ func (f *Fleet) writer(ctx context.Context, w int, rec *worker, stop <-chan stru
 	}
 	for i := 0; !stopped(stop); i++ {
 		k := mine[i%len(mine)]
-		in := f.insts[(w+i)%len(f.insts)]
+		// round shifts the rotation each pass over mine, so that every key
+		// is written through every instance, by Delete and by Set, even
+		// when len(mine) is a multiple of the instances (or of 2).
+		round := i / len(mine)
+		in := f.insts[(w+i+round)%len(f.insts)]
 		in.mu.RLock()
 		if in.readOnly {
 			in.mu.RUnlock()
@@ -855,7 +859,7 @@ func (f *Fleet) writer(ctx context.Context, w int, rec *worker, stop <-chan stru
 		v := f.db.bump(k)
 		octx, cancel := context.WithTimeout(ctx, f.cfg.OpTimeout)
 		var err error
-		if i%2 == 0 {
+		if (i+round)%2 == 0 {
 			err = in.Cache.Delete(octx, f.keys[k])
 		} else {
 			err = in.Cache.Set(octx, f.keys[k], v, 0)
