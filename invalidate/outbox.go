@@ -175,7 +175,12 @@ func (b *Bus) replay(ctx context.Context) error {
 		b.mu.RLock()
 		r := b.handlers[j.ns]
 		b.mu.RUnlock()
-		if r != nil {
+		if r == nil {
+			// Said once, when it happens: the namespace's writes that did
+			// not reach Redis will not be invalidated by this process.
+			b.logf(slog.LevelWarn, "tiercache: outbox entries dropped: their namespace has no cache on this Bus any more",
+				"namespace", j.ns, "keys", len(j.keys), "flush", j.flush != 0)
+		} else {
 			rp, ok := r.h.(Replayer)
 			if ok {
 				rctx, cancel := context.WithTimeout(ctx, max(b.opts.HeartbeatTimeout, 5*time.Second))
