@@ -193,9 +193,8 @@ type Bus struct {
 	// circuit closed) and odd otherwise; it changes on every transition, so
 	// an entry filled under epoch e is valid only while epoch is still e.
 	// It is written under stateMu.
-	epoch      atomic.Uint64
-	stateMu    sync.Mutex
-	subscribed bool // under stateMu
+	epoch   atomic.Uint64
+	stateMu sync.Mutex
 
 	// The circuit breaker (breaker.go).
 	open      atomic.Bool
@@ -525,10 +524,6 @@ func (b *Bus) Close() error {
 func (b *Bus) setLive(s *sub, live bool) {
 	b.stateMu.Lock()
 	s.live = live
-	b.subscribed = true
-	for _, o := range b.subs {
-		b.subscribed = b.subscribed && o.live
-	}
 	b.updateEpochLocked()
 	b.stateMu.Unlock()
 }
@@ -537,7 +532,10 @@ func (b *Bus) setLive(s *sub, live bool) {
 // (untrusted) value if the state calls for it: trusted means subscribed
 // with the circuit closed.
 func (b *Bus) updateEpochLocked() {
-	live := b.subscribed && !b.open.Load()
+	live := !b.open.Load()
+	for _, s := range b.subs {
+		live = live && s.live
+	}
 	e := b.epoch.Load()
 	if (e&1 == 0) == live {
 		return

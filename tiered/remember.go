@@ -334,29 +334,9 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 // callLoader calls load for key, counted, timed and traced. A panic goes on
 // up to the flight, which turns it into a PanicError, after being counted.
 func (c *Cache[V]) callLoader(ctx context.Context, key string, load Loader[V]) (v V, err error) {
-	start := time.Now()
-	ctx, span := c.tel.Span(ctx, "tiercache.load", "", 1)
+	ctx, done := c.startLoad(ctx, 1)
 	result := "panic"
-	defer func() {
-		c.st.loads.Add(1)
-		switch result {
-		case "ok":
-			c.st.loadOK.Add(1)
-		case "not_found":
-			c.st.loadNotFound.Add(1)
-		default:
-			c.st.loadErr.Add(1)
-		}
-		c.tel.Load(ctx, start, result)
-		switch result {
-		case "panic":
-			metrics.End(span, errLoaderPanic)
-		case "not_found":
-			metrics.End(span, nil) // an answer, not a failure
-		default:
-			metrics.End(span, err)
-		}
-	}()
+	defer func() { done(result, 1, err) }()
 	v, err = load(ctx, key)
 	switch {
 	case err == nil:
@@ -369,33 +349,44 @@ func (c *Cache[V]) callLoader(ctx context.Context, key string, load Loader[V]) (
 	return v, err
 }
 
-// callBatchLoader is callLoader for a BatchLoader.
+// callBatchLoader is callLoader for a BatchLoader: keys it leaves out count
+// as not found.
 func (c *Cache[V]) callBatchLoader(ctx context.Context, keys []string, load BatchLoader[V]) (vals map[string]V, err error) {
-	start := time.Now()
-	ctx, span := c.tel.Span(ctx, "tiercache.load", "", len(keys))
+	ctx, done := c.startLoad(ctx, len(keys))
 	result := "panic"
-	defer func() {
-		c.st.loads.Add(1)
-		switch result {
-		case "ok":
-			c.st.loadOK.Add(uint64(len(vals)))
-			c.st.loadNotFound.Add(uint64(len(keys) - min(len(keys), len(vals))))
-		default:
-			c.st.loadErr.Add(1)
-		}
-		c.tel.Load(ctx, start, result)
-		if result == "panic" {
-			metrics.End(span, errLoaderPanic)
-		} else {
-			metrics.End(span, err)
-		}
-	}()
+	defer func() { done(result, len(vals), err) }()
 	vals, err = load(ctx, keys)
 	result = "ok"
 	if err != nil {
 		result = "error"
 	}
 	return vals, err
+}
+
+// startLoad opens the span of a load of n keys; done records its result
+// ("ok", "not_found", "error" or "panic"; found is how many keys an "ok"
+// load found) in the counters, the loader histogram and the span.
+func (c *Cache[V]) startLoad(ctx context.Context, n int) (context.Context, func(result string, found int, err error)) {
+	start := time.Now()
+	ctx, span := c.tel.Span(ctx, "tiercache.load", "", n)
+	return ctx, func(result string, found int, err error) {
+		c.st.loads.Add(1)
+		switch result {
+		case "ok":
+			c.st.loadOK.Add(uint64(found))
+			c.st.loadNotFound.Add(uint64(n - min(n, found)))
+		case "not_found":
+			c.st.loadNotFound.Add(1)
+			err = nil // an answer, not a failure
+		default:
+			c.st.loadErr.Add(1)
+		}
+		if result == "panic" {
+			err = errLoaderPanic
+		}
+		c.tel.Load(ctx, start, result)
+		metrics.End(span, err)
+	}
 }
 
 // errLoaderPanic marks a load span whose loader panicked.
