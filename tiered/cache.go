@@ -17,6 +17,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tiercache/tiercache/internal/flight"
+	"github.com/tiercache/tiercache/internal/pcount"
 	"github.com/tiercache/tiercache/internal/wire"
 	"github.com/tiercache/tiercache/invalidate"
 	"github.com/tiercache/tiercache/metrics"
@@ -35,15 +36,18 @@ const (
 // entry is what L1 holds: the decoded value plus the fence snapshot taken
 // before the read that produced it. It is immutable once stored.
 type entry[V any] struct {
+	// The fields a hit reads come first, in the order it reads them, so
+	// that with a small V a hit touches one cache line of the entry.
 	key      string
-	val      V
-	raw      []byte // the encoded payload, kept only with CopyOnRead
+	expires  int64 // coarse-clock unix ns
 	stripe   uint32
+	negative bool // the loader said the key is absent at the source
 	ns       uint64
 	epoch    uint64
-	expires  int64 // coarse-clock unix ns
-	cost     int64
-	negative bool // the loader said the key is absent at the source
+	val      V
+
+	raw  []byte // the encoded payload, kept only with CopyOnRead
+	cost int64
 	// fresh is when the value goes stale (unix ns; 0: never, before its
 	// expiry), and wid its write ID in Redis: what a refresh must replace.
 	fresh int64
@@ -73,8 +77,9 @@ type Cache[V any] struct {
 	clk  *coarseClock // nil without L1; it advances now
 	// now is the coarse clock's reading, kept in the cache itself so that a
 	// hit reads it without following a pointer.
-	now  atomic.Int64
-	hits hitCounter
+	now atomic.Int64
+	// hits counts L1 hits: one cell per P, so a hit writes no shared line.
+	hits pcount.Counter
 	// throttle holds, per key, when a failed refresh may be retried
 	// (Options.RetryThrottle); entries go when a refresh succeeds.
 	throttle sync.Map
@@ -149,6 +154,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		return nil, err
 	}
 	c := &Cache[V]{
+		hits:    pcount.New(),
 		name:    name,
 		opts:    opts,
 		stripes: make([]atomic.Uint32, stripeCount),
@@ -246,7 +252,7 @@ func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
 		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
-			c.hits.add(h)
+			c.hits.Inc()
 			if e.negative {
 				return v, false, nil
 			}

@@ -55,23 +55,3 @@ func (k *coarseClock) stopClock() {
 func expiry(ttl time.Duration) int64 {
 	return time.Now().UnixNano() + int64(ttl-clockTick)
 }
-
-// hitCounter counts L1 hits on the hot path. One shared counter would make
-// every hit on every core fight for one cache line; 64 padded stripes
-// chosen by key hash keep different keys apart.
-type hitCounter struct {
-	stripes [64]struct {
-		n atomic.Uint64
-		_ [56]byte
-	}
-}
-
-func (h *hitCounter) add(hash uint64) { h.stripes[hash>>58].n.Add(1) }
-
-func (h *hitCounter) load() uint64 {
-	var n uint64
-	for i := range h.stripes {
-		n += h.stripes[i].n.Load()
-	}
-	return n
-}

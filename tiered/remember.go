@@ -69,7 +69,7 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
 		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
-			c.hits.add(h)
+			c.hits.Inc()
 			if e.negative {
 				var zero V
 				return zero, ErrNotFound

@@ -10,7 +10,7 @@ import (
 )
 
 // counters are the cache's own figures; each is touched only on slow paths
-// (L1 hits are counted in Cache.hits, striped for the hot path).
+// (L1 hits are counted in Cache.hits, one cell per P, for the hot path).
 type counters struct {
 	l1Misses              atomic.Uint64 // reads L1 could not answer (absent, expired or fenced off)
 	l1Sets, l1SetCost     atomic.Uint64 // entries handed to ristretto, and their cost
@@ -139,7 +139,7 @@ func (c *Cache[V]) Stats() Stats {
 		PendingSkips:  c.st.pendingSkips.Load(),
 	}
 	if c.l1 != nil {
-		s.L1 = tier(c.hits.load(), c.st.l1Misses.Load())
+		s.L1 = tier(c.hits.Load(), c.st.l1Misses.Load())
 		exits, sets := c.st.l1Exits.Load(), c.st.l1Sets.Load()
 		s.Keys = sets - min(sets, exits)
 		exitCost, setCost := c.st.l1ExitCost.Load(), c.st.l1SetCost.Load()
