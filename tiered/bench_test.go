@@ -159,9 +159,9 @@ func (p *benchProc) cache(b *testing.B, ns string, opts Options) *Cache[benchVal
 }
 
 // preload stores v under every key through the cache: one MULTI/EXEC.
-func preload(tb testing.TB, c *Cache[benchValue], keys []string, v benchValue) {
+func preload[V any](tb testing.TB, c *Cache[V], keys []string, v V) {
 	tb.Helper()
-	items := make(map[string]benchValue, len(keys))
+	items := make(map[string]V, len(keys))
 	for _, k := range keys {
 		items[k] = v
 	}
@@ -184,7 +184,7 @@ func preloadBare(tb testing.TB, rdb *redis.Client, keys []string, enc []byte) {
 
 // warmL1 reads every key once so that it fills L1, and checks that L1 now
 // holds a valid entry for each.
-func warmL1(tb testing.TB, c *Cache[benchValue], keys []string) {
+func warmL1[V any](tb testing.TB, c *Cache[V], keys []string) {
 	tb.Helper()
 	ctx := context.Background()
 	for _, k := range keys {
@@ -205,7 +205,7 @@ func warmL1(tb testing.TB, c *Cache[benchValue], keys []string) {
 
 // l1Only fails the benchmark if any read of the timed loop left L1: the
 // numbers would then not be those of the L1 hit path.
-func l1Only(b *testing.B, c *Cache[benchValue]) func() {
+func l1Only[V any](b *testing.B, c *Cache[V]) func() {
 	l2, miss := c.st.l2Hits.Load()+c.st.l2Misses.Load(), c.st.l1Misses.Load()
 	return func() {
 		b.Helper()
