@@ -2,11 +2,14 @@ package tiered
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"runtime"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // BenchmarkL1HitPaired measures the L1 hit against a bare ristretto Get the
@@ -99,6 +102,14 @@ const pairedChunk = 1 << 16
 // returns each side's total time. Within a chunk, workers goroutines split
 // the operations, each starting at its own key.
 func pairedRun(n, workers int, a, b func(n, start int)) (ta, tb time.Duration) {
+	t := turns(n, pairedChunk, workers, a, b)
+	return t[0], t[1]
+}
+
+// turns runs n operations of every side in chunks of chunk operations,
+// the sides taking turns and the side that goes first rotating from round to
+// round, and returns each side's total time.
+func turns(n, chunk, workers int, sides ...func(n, start int)) []time.Duration {
 	timed := func(f func(n, start int), ops int) time.Duration {
 		start := time.Now()
 		if workers == 1 {
@@ -117,16 +128,138 @@ func pairedRun(n, workers int, a, b func(n, start int)) (ta, tb time.Duration) {
 		wg.Wait()
 		return time.Since(start)
 	}
+	total := make([]time.Duration, len(sides))
 	for done, round := 0, 0; done < n; round++ {
-		ops := min(pairedChunk, n-done)
-		if round%2 == 0 {
-			ta += timed(a, ops)
-			tb += timed(b, ops)
-		} else {
-			tb += timed(b, ops)
-			ta += timed(a, ops)
+		ops := min(chunk, n-done)
+		for i := range sides {
+			k := (i + round) % len(sides)
+			total[k] += timed(sides[k], ops)
 		}
 		done += ops
 	}
-	return ta, tb
+	return total
+}
+
+// roundTripChunk is the paired chunk for benchmarks of one Redis round trip
+// per operation (tens of µs here): a few ms per turn.
+const roundTripChunk = 64
+
+// BenchmarkL2HitPaired is BenchmarkL2Hit with the two sides taking turns
+// (see BenchmarkL1HitPaired): a Get answered by Redis (ModeRedis, no L1)
+// against go-redis GET plus json.Unmarshal of the same bytes.
+func BenchmarkL2HitPaired(b *testing.B) {
+	ctx := context.Background()
+	rdb := srv.Client(b)
+	proc := newBenchProc(b)
+	redisOnly := benchOpts
+	redisOnly.Mode = ModeRedis
+	for _, s := range sizesAll {
+		v, enc := makeBenchValue(b, s.n)
+		bareKeys := benchKeys(srv.Prefix() + "bare-l2p:" + s.name + ":")
+		preloadBare(b, rdb, bareKeys, enc)
+		keys := benchKeys("l2p:")
+		c := proc.cache(b, "", redisOnly)
+		preload(b, c, keys, v)
+		b.Run(s.name, func(b *testing.B) {
+			bare := func(n, start int) {
+				j := start
+				for range n {
+					raw, err := rdb.Get(ctx, bareKeys[j]).Bytes()
+					if err != nil {
+						panic(err)
+					}
+					var v benchValue
+					if err := json.Unmarshal(raw, &v); err != nil {
+						panic(err)
+					}
+					if j++; j == len(bareKeys) {
+						j = 0
+					}
+				}
+			}
+			ours := func(n, start int) {
+				j := start
+				for range n {
+					if _, ok, err := c.Get(ctx, keys[j]); !ok || err != nil {
+						panic(fmt.Sprint("tiercache: miss ", err))
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			}
+			t := turns(b.N, roundTripChunk, 1, ours, bare)
+			b.ReportMetric(float64(t[0].Nanoseconds())/float64(b.N), "ns/op")
+			b.ReportMetric(float64(t[1].Nanoseconds())/float64(b.N), "bare-ns/op")
+			b.ReportMetric(float64(t[0])/float64(t[1]), "ratio")
+		})
+	}
+}
+
+// BenchmarkSetPaired is BenchmarkSet with its sides taking turns (see
+// BenchmarkL1HitPaired): Set against a bare SET of the pre-encoded bytes,
+// and the bare transaction Set sends (MULTI SET PUBLISH EXEC, pre-encoded,
+// to the Bus's channel), whose delivery to this process's own Bus is part of
+// the protocol's cost.
+func BenchmarkSetPaired(b *testing.B) {
+	ctx := context.Background()
+	rdb := srv.Client(b)
+	proc := newBenchProc(b)
+	busChannel := proc.bus.Channel()
+	msg, err := proc.bus.KeysMessage("bench", []string{"set:0000"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, s := range sizesSmall {
+		v, enc := makeBenchValue(b, s.n)
+		bareKeys := benchKeys(srv.Prefix() + "bare-setp:" + s.name + ":")
+		c := proc.cache(b, "", benchOpts)
+		keys := benchKeys("setp:")
+		b.Run(s.name, func(b *testing.B) {
+			ours := func(n, start int) {
+				j := start
+				for range n {
+					if err := c.Set(ctx, keys[j], v, time.Hour); err != nil {
+						panic(err)
+					}
+					if j++; j == len(keys) {
+						j = 0
+					}
+				}
+			}
+			set := func(n, start int) {
+				j := start
+				for range n {
+					if err := rdb.Set(ctx, bareKeys[j], enc, time.Hour).Err(); err != nil {
+						panic(err)
+					}
+					if j++; j == len(bareKeys) {
+						j = 0
+					}
+				}
+			}
+			tx := func(n, start int) {
+				j := start
+				for range n {
+					_, err := rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+						p.Set(ctx, bareKeys[j], enc, time.Hour)
+						p.Publish(ctx, busChannel, msg)
+						return nil
+					})
+					if err != nil {
+						panic(err)
+					}
+					if j++; j == len(bareKeys) {
+						j = 0
+					}
+				}
+			}
+			t := turns(b.N, roundTripChunk, 1, ours, set, tx)
+			b.ReportMetric(float64(t[0].Nanoseconds())/float64(b.N), "ns/op")
+			b.ReportMetric(float64(t[1].Nanoseconds())/float64(b.N), "set-ns/op")
+			b.ReportMetric(float64(t[2].Nanoseconds())/float64(b.N), "tx-ns/op")
+			b.ReportMetric(float64(t[0])/float64(t[1]), "ratio")
+			b.ReportMetric(float64(t[0])/float64(t[2]), "ratio-to-tx")
+		})
+	}
 }
