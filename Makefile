@@ -9,7 +9,7 @@ SOAK_PHASE ?= 30s
 
 .PHONY: help
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: test
 test: ## run every test with -race against private redis-server processes (what CI runs)
@@ -34,6 +34,12 @@ soak: ## the coherence checker's long run: every fault phase (standalone, then c
 bench: ## run the benchmarks beside their bare-dependency baselines; compare with benchstat
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -count $(COUNT) ./tiered/ | tee bench.txt
 	@command -v benchstat >/dev/null && benchstat bench.txt || echo "install benchstat: go install golang.org/x/perf/cmd/benchstat@latest"
+
+.PHONY: bench-paired
+bench-paired: ## the targets' ratios as docs/benchmarks.md reports them: bare and tiercache take turns within each run
+	$(GO) test -run '^$$' -bench 'L1HitPaired' -benchtime 4000000x -count 3 ./tiered/ | tee bench-paired.txt
+	$(GO) test -run '^$$' -bench 'L2HitPaired|SetPaired' -benchtime 4000x -count 3 ./tiered/ | tee -a bench-paired.txt
+	$(GO) test -run '^$$' -bench 'Propagation' -benchtime 1s -count 3 ./tiered/ | tee -a bench-paired.txt
 
 .PHONY: fuzz
 fuzz: ## fuzz the wire decoders for 30s each
