@@ -2,6 +2,9 @@ package tiered
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -77,5 +80,59 @@ func testL1HitAllocs[V any](t *testing.T, val V) {
 	}
 	if allocs != 0 {
 		t.Errorf("an L1 hit allocates %v times per Get; want 0", allocs)
+	}
+}
+
+// TestL1HitsCountedExactly hits L1 from many goroutines at once, more than
+// there are Ps, through Get, GetMany and Remember, and expects Stats to
+// count every hit: the per-P counter must lose none.
+func TestL1HitsCountedExactly(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	keys := []string{"count:a", "count:b", "count:c", "count:d"}
+	for _, k := range keys {
+		if err := c.Set(ctx, k, "v-"+k, 0); err != nil {
+			t.Fatalf("Set: %v", err)
+		}
+		warmL1(t, c, []string{k})
+	}
+	before := c.Stats()
+	l2Before := c.st.l2Hits.Load() + c.st.l2Misses.Load()
+
+	const goroutines, rounds = 16, 500
+	var wg sync.WaitGroup
+	errs := make(chan error, goroutines)
+	for g := range goroutines {
+		wg.Go(func() {
+			for r := range rounds {
+				k := keys[(g+r)%len(keys)]
+				if _, ok, err := c.Get(ctx, k); !ok || err != nil {
+					errs <- fmt.Errorf("Get(%q) = %v, %v", k, ok, err)
+					return
+				}
+				if got, err := c.GetMany(ctx, keys); err != nil || len(got) != len(keys) {
+					errs <- fmt.Errorf("GetMany = %d values, %v", len(got), err)
+					return
+				}
+				if _, err := c.Remember(ctx, k, func(context.Context, string) (string, error) {
+					return "", errors.New("the loader ran: the key was not in L1")
+				}); err != nil {
+					errs <- fmt.Errorf("Remember(%q): %v", k, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if d := c.st.l2Hits.Load() + c.st.l2Misses.Load() - l2Before; d != 0 {
+		t.Fatalf("%d reads left L1: the test did not count L1 hits only", d)
+	}
+	want := uint64(goroutines * rounds * (1 + len(keys) + 1))
+	if got := c.Stats().L1.Hits - before.L1.Hits; got != want {
+		t.Fatalf("Stats counted %d L1 hits, want %d", got, want)
 	}
 }
