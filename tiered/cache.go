@@ -36,7 +36,7 @@ const (
 // entry is what L1 holds: the decoded value plus the fence snapshot taken
 // before the read that produced it. It is immutable once stored.
 type entry[V any] struct {
-	// The fields a hit reads come first, in the order it reads them, so
+	// The fields a hit reads come first (the fence's, then the value), so
 	// that with a small V a hit touches one cache line of the entry.
 	key      string
 	expires  int64 // coarse-clock unix ns
