@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"runtime"
 	"sync"
 	"testing"
@@ -107,8 +108,9 @@ func pairedRun(n, workers int, a, b func(n, start int)) (ta, tb time.Duration) {
 }
 
 // turns runs n operations of every side in chunks of chunk operations,
-// the sides taking turns and the side that goes first rotating from round to
-// round, and returns each side's total time.
+// the sides taking turns in an order drawn afresh each round (fixed seed),
+// so that no side always follows the same other one and inherits its
+// after-effects, and returns each side's total time.
 func turns(n, chunk, workers int, sides ...func(n, start int)) []time.Duration {
 	timed := func(f func(n, start int), ops int) time.Duration {
 		start := time.Now()
@@ -129,10 +131,10 @@ func turns(n, chunk, workers int, sides ...func(n, start int)) []time.Duration {
 		return time.Since(start)
 	}
 	total := make([]time.Duration, len(sides))
-	for done, round := 0, 0; done < n; round++ {
+	order := rand.New(rand.NewPCG(1, 2))
+	for done := 0; done < n; {
 		ops := min(chunk, n-done)
-		for i := range sides {
-			k := (i + round) % len(sides)
+		for _, k := range order.Perm(len(sides)) {
 			total[k] += timed(sides[k], ops)
 		}
 		done += ops

@@ -37,7 +37,7 @@ const (
 // before the read that produced it. It is immutable once stored.
 type entry[V any] struct {
 	// The fields a hit reads come first (the fence's, then the value), so
-	// that with a small V a hit touches one cache line of the entry.
+	// that a hit touches as few cache lines of the entry as its V allows.
 	key      string
 	expires  int64 // coarse-clock unix ns
 	stripe   uint32
@@ -240,7 +240,8 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
 // Redis count as a miss and are deleted.
 //
-// An L1 hit takes no lock, allocates nothing and does not look at ctx. On
+// An L1 hit takes no lock of the cache's own (ristretto's Get takes its
+// shard's read lock), allocates nothing and does not look at ctx. On
 // an L1 miss, concurrent Gets of one key share one Redis round trip; a ctx
 // that is already done fails the call at once, and a ctx deadline is always
 // honoured. The caller that performs the shared read does so on its own

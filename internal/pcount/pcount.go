@@ -62,8 +62,9 @@ func (c Counter) Inc() {
 	atomic.AddUint64(&c.cells[len(c.cells)-1].n, 1)
 }
 
-// Load returns the count. Increments that race with it may or may not be
-// included; each is included by the next Load that begins after it returned.
+// Load returns the count. Increments concurrent with it may or may not be
+// included. Once the goroutines that incremented have synchronised with the
+// caller (a WaitGroup, a channel, a mutex), all their increments are.
 func (c Counter) Load() uint64 {
 	var n uint64
 	for i := range c.cells {
