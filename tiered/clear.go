@@ -17,21 +17,15 @@ import (
 // clearScript bumps the namespace generation and publishes the flush
 // message ARGV[2] with the new generation appended as a uvarint: the old
 // keys become unreachable and every L1 drops the namespace, atomically.
-var clearScript = redis.NewScript(`
-local g = redis.call('INCR', KEYS[1])
-local n = g
-local s = ''
-while n >= 128 do
-  s = s .. string.char(n % 128 + 128)
-  n = math.floor(n / 128)
-end
-s = s .. string.char(n)
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. s)
-return g`)
+// clearScriptSharded does the same with SPUBLISH on shard channel 0, for a
+// sharded Bus, whose hash tag the generation key carries.
+var (
+	clearScript        = newClearScript("PUBLISH")
+	clearScriptSharded = newClearScript("SPUBLISH")
+)
 
-// clearScriptSharded is clearScript for a sharded Bus: SPUBLISH on shard
-// channel 0, whose hash tag the generation key carries.
-var clearScriptSharded = redis.NewScript(`
+func newClearScript(publish string) *redis.Script {
+	return redis.NewScript(`
 local g = redis.call('INCR', KEYS[1])
 local n = g
 local s = ''
@@ -40,8 +34,9 @@ while n >= 128 do
   n = math.floor(n / 128)
 end
 s = s .. string.char(n)
-redis.call('SPUBLISH', ARGV[1], ARGV[2] .. s)
+redis.call('` + publish + `', ARGV[1], ARGV[2] .. s)
 return g`)
+}
 
 // Clear empties the namespace in O(1): it bumps the namespace's generation
 // in Redis, which every key name includes, so old keys are never read again
