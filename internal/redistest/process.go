@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -167,8 +168,8 @@ func (s *Server) launch() (*process, error) {
 	return p, nil
 }
 
-// waitReady polls until the server answers PING on its plain port, the process exits, or
-// readyTimeout passes.
+// waitReady polls until the server answers on its plain port as the process just started (see
+// serverPID), the process exits, or readyTimeout passes.
 func (s *Server) waitReady(p *process, logOffset int64) error {
 	deadline := time.Now().Add(readyTimeout)
 	tick := time.NewTicker(20 * time.Millisecond)
@@ -183,8 +184,17 @@ func (s *Server) waitReady(p *process, logOffset int64) error {
 			}
 			return err
 		}
-		if answersPing(s.adminAddr) {
+		switch serverPID(s.adminAddr, s.password) {
+		case -1: // not answering yet
+		case 0: // answering, but it would not say which process it is
 			return nil
+		case p.cmd.Process.Pid:
+			return nil
+		default:
+			// Another redis-server holds the port (taken between freePort and
+			// our bind: a parallel test, or another node of the same cluster).
+			// Its PING would have passed for ours, and ours is about to exit.
+			return errors.Join(errAddrInUse, fmt.Errorf("redistest: %s answers, but not as redis-server pid %d", s.adminAddr, p.cmd.Process.Pid))
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("redistest: redis-server on %s did not answer PING within %v; last lines of %s:\n%s",
@@ -195,6 +205,70 @@ func (s *Server) waitReady(p *process, logOffset int64) error {
 		case <-p.done:
 		}
 	}
+}
+
+// serverPID asks the redis-server at addr for its process id (INFO server), after AUTH when password
+// is set. It returns -1 when nothing answers yet (or the server is still loading), 0 when a server
+// answers but will not tell (an error reply, e.g. NOAUTH), and the pid otherwise.
+func serverPID(addr, password string) int {
+	c, err := net.DialTimeout("tcp", addr, 250*time.Millisecond)
+	if err != nil {
+		return -1
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(500 * time.Millisecond)); err != nil {
+		return -1
+	}
+	r := bufio.NewReader(c)
+	if password != "" {
+		if _, err := io.WriteString(c, respCommand("AUTH", password)); err != nil {
+			return -1
+		}
+		if _, err := r.ReadString('\n'); err != nil {
+			return -1
+		}
+	}
+	if _, err := io.WriteString(c, respCommand("INFO", "server")); err != nil {
+		return -1
+	}
+	head, err := r.ReadString('\n')
+	if err != nil {
+		return -1
+	}
+	switch {
+	case strings.HasPrefix(head, "-LOADING"):
+		return -1
+	case strings.HasPrefix(head, "-"):
+		return 0
+	case !strings.HasPrefix(head, "$"):
+		return 0
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(head[1:]))
+	if err != nil || n < 0 {
+		return 0
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(body), "\r\n") {
+		if v, ok := strings.CutPrefix(line, "process_id:"); ok {
+			if pid, err := strconv.Atoi(v); err == nil && pid > 0 {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// respCommand encodes a command as a RESP array of bulk strings.
+func respCommand(args ...string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	return b.String()
 }
 
 // answersPing sends an inline PING and reports whether a RESP reply other than -LOADING came back

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -547,5 +548,41 @@ func TestStartTooManyConfigs(t *testing.T) {
 	}()
 	if got := f.take(); len(got) == 0 || !strings.Contains(got[0], "at most one Config") {
 		t.Fatalf("Start(two configs) fatals = %q, want one about at most one Config", got)
+	}
+}
+
+// TestLaunchRejectsAnotherServersAnswer reproduces a port collision: a
+// process is launched for a port that a running redis-server already holds.
+// The running server answers the readiness probe; launch must see that it
+// is not the process it started and report errAddrInUse (so New retries on
+// another port), not a server that is not its own. A CI run once got two
+// cluster nodes on one port this way: a PING alone passed for both.
+//
+// The launched process is a sleep, which neither binds nor exits, so the
+// probe, not the startup-exit check, has to catch it.
+func TestLaunchRejectsAnotherServersAnswer(t *testing.T) {
+	const pw = "sekret"
+	a := Start(t, Config{Args: []string{"--requirepass", pw}})
+	if got, want := serverPID(a.adminAddr, pw), a.proc.cmd.Process.Pid; got != want {
+		t.Fatalf("serverPID(%s) = %d, want the server's pid %d", a.adminAddr, got, want)
+	}
+	if got := serverPID(a.adminAddr, ""); got != 0 {
+		t.Fatalf("serverPID without the password = %d, want 0 (answers, will not tell)", got)
+	}
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatalf("no sleep binary: %v", err)
+	}
+	b := &Server{bin: sleep, password: pw, dir: t.TempDir()}
+	b.logPath = filepath.Join(b.dir, "redis-server.log")
+	b.port, b.addr, b.adminAddr = a.port, a.addr, a.adminAddr
+	b.args = []string{"30"}
+	p, err := b.launch()
+	if err == nil {
+		_ = p.kill(exitTimeout)
+		t.Fatalf("launch reported ready on %s, which another process answers", b.adminAddr)
+	}
+	if !errors.Is(err, errAddrInUse) {
+		t.Fatalf("launch = %v, want errAddrInUse", err)
 	}
 }
