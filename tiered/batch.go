@@ -82,8 +82,7 @@ func (c *Cache[V]) l1Many(keys []string) (out map[string]V, missing []string, er
 		seen[k] = true
 		if c.l1 != nil {
 			h := hashKey(k)
-			if e, hit := c.l1.Get(h); hit && c.valid(e, h, k) {
-				c.hits.Inc()
+			if e, hit := c.l1Hit(h, k); hit {
 				if !e.negative {
 					v, _, err := c.readEntry(e)
 					if err != nil {

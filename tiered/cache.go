@@ -53,6 +53,9 @@ type entry[V any] struct {
 	fresh int64
 	wid   uint64
 	eager int64 // when a Remember hit starts a background refresh (EagerRefresh); 0: never
+
+	hash uint64      // xxhash of key: the entry's hot-index slot (set by store)
+	gone atomic.Bool // ristretto let go of it (see hotIndex)
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -74,6 +77,7 @@ type Cache[V any] struct {
 	rdb  redis.UniversalClient // nil in ModeMemory
 	bus  *invalidate.Bus       // nil in ModeMemory
 	l1   *ristretto.Cache[uint64, *entry[V]]
+	hot  hotIndex[V]  // lock-free index of ristretto's entries; see hot.go
 	clk  *coarseClock // nil without L1; it advances now
 	// now is the coarse clock's reading, kept in the cache itself so that a
 	// hit reads it without following a pointer.
@@ -185,6 +189,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		// No ristretto Metrics: its hit counter is one more contended atomic
 		// on every hit. We count hits ourselves and keys and bytes through
 		// the callbacks, off the hot path.
+		c.hot = newHotIndex[V](opts.L1MaxCost)
 		c.l1, err = ristretto.NewCache(&ristretto.Config[uint64, *entry[V]]{
 			NumCounters: max(1000, opts.L1MaxCost/100),
 			MaxCost:     opts.L1MaxCost,
@@ -193,6 +198,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			OnReject:    func(*ristretto.Item[*entry[V]]) { c.st.l1Rejected.Add(1) },
 			OnExit: func(e *entry[V]) {
 				if e != nil {
+					c.hot.exit(e)
 					c.st.l1Exits.Add(1)
 					c.st.l1ExitCost.Add(uint64(e.cost))
 				}
@@ -252,8 +258,7 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
-		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
-			c.hits.Inc()
+		if e, hit := c.l1Hit(h, key); hit {
 			if e.negative {
 				return v, false, nil
 			}
@@ -281,6 +286,26 @@ func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 		e.ns == c.nsEpoch.Load() &&
 		e.epoch == c.busEpoch() &&
 		(e.epoch&1 == 0 || e.expires > time.Now().UnixNano())
+}
+
+// l1Hit returns key's L1 entry if the fence accepts it, counting the hit:
+// from the hot index when its slot holds the entry, else from ristretto,
+// promoting the entry into the index.
+func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
+	if e := c.hot.slot(h).Load(); e != nil && c.valid(e, h, key) {
+		if c.hits.Inc()%hotSampleEvery == 0 {
+			c.l1.Get(h) // an access for ristretto's admission policy
+		}
+		return e, true
+	}
+	e, hit := c.l1.Get(h)
+	if !hit || !c.valid(e, h, key) {
+		return nil, false
+	}
+	if c.hits.Inc()%hotSampleEvery == 0 {
+		c.hot.promote(h, e)
+	}
+	return e, true
 }
 
 func (c *Cache[V]) busEpoch() uint64 {
@@ -547,6 +572,7 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 // store hands e to ristretto (no TTL: e carries its own expiry) and waits
 // until it is visible.
 func (c *Cache[V]) store(h uint64, e *entry[V]) {
+	e.hash = h
 	if c.l1.Set(h, e, e.cost) {
 		c.st.l1Sets.Add(1)
 		c.st.l1SetCost.Add(uint64(e.cost))
@@ -745,6 +771,7 @@ func (c *Cache[V]) teardown() {
 	c.flights.Close()
 	if c.l1 != nil {
 		c.l1.Close()
+		c.hot.clear()
 		c.clk.stopClock()
 	}
 }

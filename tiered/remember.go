@@ -68,8 +68,7 @@ func rememberKey(key string) string { return "r" + key }
 func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V, error) {
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
-		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
-			c.hits.Inc()
+		if e, hit := c.l1Hit(h, key); hit {
 			if e.negative {
 				var zero V
 				return zero, ErrNotFound

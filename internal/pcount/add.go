@@ -5,4 +5,4 @@ package pcount
 // add is a plain increment: the caller is pinned to the cell's P, so nothing
 // else writes the cell meanwhile. Load reads it atomically, which on the
 // 64-bit platforms this file is built for is an ordinary aligned load.
-func add(n *uint64) { *n++ }
+func add(n *uint64) uint64 { *n++; return *n }

@@ -7,4 +7,4 @@ import "sync/atomic"
 // add is atomic under the race detector, which does not know that pinning
 // gives the cell a single writer, and on 32-bit platforms, where a plain
 // 64-bit add is two stores that a concurrent Load could see half done.
-func add(n *uint64) { atomic.AddUint64(n, 1) }
+func add(n *uint64) uint64 { return atomic.AddUint64(n, 1) }

@@ -50,16 +50,19 @@ func New() Counter {
 	return Counter{cells: make([]cell, max(runtime.GOMAXPROCS(0), runtime.NumCPU())+1)}
 }
 
-// Inc adds one. It does not allocate and takes no lock.
-func (c Counter) Inc() {
+// Inc adds one and returns the count of the cell it added to: one P's share
+// of the total, so the result is exact per P, not a global count. Every n-th
+// increment on a P returns a multiple of n, which makes it a free sampler.
+// It does not allocate and takes no lock.
+func (c Counter) Inc() uint64 {
 	p := procPin()
 	if p < len(c.cells)-1 {
-		add(&c.cells[p].n)
+		n := add(&c.cells[p].n)
 		procUnpin()
-		return
+		return n
 	}
 	procUnpin()
-	atomic.AddUint64(&c.cells[len(c.cells)-1].n, 1)
+	return atomic.AddUint64(&c.cells[len(c.cells)-1].n, 1)
 }
 
 // Load returns the count. Increments concurrent with it may or may not be

@@ -104,9 +104,40 @@ func TestConcurrentLoad(t *testing.T) {
 	}
 }
 
+// TestIncSamples checks what callers use Inc's result for: every k-th
+// increment on a P returns a multiple of k. From several goroutines, each
+// cell contributes the multiples its count passed, so the total is within
+// one per cell of n/k, and each goroutine sees its cell's count grow.
+func TestIncSamples(t *testing.T) {
+	c := New()
+	const k, goroutines, each = 8, 8, 40_000
+	var samples atomic.Uint64
+	var wg sync.WaitGroup
+	for range goroutines {
+		wg.Go(func() {
+			for i := range each {
+				if n := c.Inc(); n == 0 {
+					t.Error("Inc returned 0 after adding one")
+					return
+				} else if n%k == 0 {
+					samples.Add(1)
+				}
+				if i%1000 == 0 {
+					runtime.Gosched()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	n := uint64(goroutines * each)
+	if got, lo := samples.Load(), n/k-uint64(len(c.cells)); got > n/k || got < lo {
+		t.Fatalf("%d of %d increments returned a multiple of %d; want %d..%d", got, n, k, lo, n/k)
+	}
+}
+
 func TestIncAllocatesNothing(t *testing.T) {
 	c := New()
-	if n := testing.AllocsPerRun(1000, c.Inc); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { c.Inc() }); n != 0 {
 		t.Fatalf("Inc allocates %.1f times", n)
 	}
 }

@@ -1,0 +1,153 @@
+package tiered
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func hotEntry(key string, h uint64) *entry[string] {
+	return &entry[string]{key: key, val: "v", hash: h}
+}
+
+func TestHotIndex_Size(t *testing.T) {
+	for _, tc := range []struct {
+		maxCost int64
+		want    int
+	}{
+		{0, hotMinSlots},
+		{1 << 20, hotMinSlots},
+		{DefaultL1MaxCost, 16384},
+		{5000 * hotBytesPerSlot, 8192}, // rounded up to a power of two
+		{1 << 40, hotMaxSlots},
+	} {
+		x := newHotIndex[string](tc.maxCost)
+		if len(x.slots) != tc.want || x.mask != uint64(tc.want-1) {
+			t.Errorf("L1MaxCost %d: %d slots, mask %#x; want %d", tc.maxCost, len(x.slots), x.mask, tc.want)
+		}
+	}
+}
+
+// TestHotIndex_ExitAndPromoteInEitherOrder runs the two halves of the
+// protocol one after the other, both ways round, and with a second entry
+// sharing the slot: a slot never keeps an entry that has exited, and an
+// exit never clears another entry's slot.
+func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
+	x := newHotIndex[string](0)
+	const h = 42
+
+	e := hotEntry("a", h)
+	x.promote(h, e)
+	if x.slot(h).Load() != e {
+		t.Fatal("promote did not fill the slot")
+	}
+	x.exit(e)
+	if x.slot(h).Load() != nil {
+		t.Fatal("exit after promote left the entry in its slot")
+	}
+
+	late := hotEntry("a", h)
+	x.exit(late) // ristretto dropped it before the reader promoted it
+	x.promote(h, late)
+	if x.slot(h).Load() != nil {
+		t.Fatal("promote after exit left the entry in its slot")
+	}
+
+	first, second := hotEntry("a", h), hotEntry("b", h+x.mask+1) // same slot
+	x.promote(h, first)
+	x.promote(second.hash, second)
+	x.exit(first)
+	if x.slot(h).Load() != second {
+		t.Fatal("exit of a displaced entry cleared the slot its successor holds")
+	}
+	x.clear()
+	if x.slot(h).Load() != nil {
+		t.Fatal("clear left a slot filled")
+	}
+}
+
+// TestHotIndex_ConcurrentPromoteAndExit races a promote against an exit of
+// the same entry, many times, released together. Whatever the interleaving,
+// once both have returned the slot must not hold the exited entry: without
+// promote's second look at gone, an exit whose CompareAndSwap runs before
+// the promote's Store leaves the entry pinned.
+func TestHotIndex_ConcurrentPromoteAndExit(t *testing.T) {
+	x := newHotIndex[string](0)
+	const h = 7
+	pinned := 0
+	for i := range 20000 {
+		e := hotEntry(fmt.Sprint("k", i), h)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() { <-start; x.promote(h, e) })
+		wg.Go(func() { <-start; x.exit(e) })
+		close(start)
+		wg.Wait()
+		if x.slot(h).Load() == e {
+			pinned++
+			x.slot(h).Store(nil)
+		}
+	}
+	if pinned > 0 {
+		t.Fatalf("%d of 20000 exited entries stayed in their slot", pinned)
+	}
+}
+
+// TestHotIndex_HoldsOnlyWhatRistrettoHolds drives a small L1 through heavy
+// eviction from several goroutines, reading every key often enough to be
+// promoted, and then checks, with ristretto quiet, that every filled slot
+// holds an entry that ristretto still stores: the index keeps nothing alive
+// that L1's cost bound has let go.
+func TestHotIndex_HoldsOnlyWhatRistrettoHolds(t *testing.T) {
+	c, err := New[string]("hotevict", nil, nil, Options{Mode: ModeMemory, L1MaxCost: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	val := strings.Repeat("x", 500)
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 3000 {
+				k := fmt.Sprintf("k%d", (i*7+g*13)%1500)
+				if err := c.Set(ctx, k, val, 0); err != nil {
+					t.Error(err)
+					return
+				}
+				for range 3 {
+					if _, _, err := c.Get(ctx, k); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	c.l1.Wait()
+
+	if c.Stats().Evictions == 0 {
+		t.Fatal("ristretto evicted nothing: the test did not exercise eviction")
+	}
+	filled := 0
+	for i := range c.hot.slots {
+		e := c.hot.slots[i].Load()
+		if e == nil {
+			continue
+		}
+		filled++
+		if e.gone.Load() {
+			t.Errorf("slot %d holds %q, which ristretto has let go", i, e.key)
+			continue
+		}
+		if in, ok := c.l1.Get(e.hash); !ok || in != e {
+			t.Errorf("slot %d holds %q, which ristretto does not store (it has %v, %v)", i, e.key, in != nil, ok)
+		}
+	}
+	if filled == 0 {
+		t.Fatal("no slot filled: reads never went through the index")
+	}
+}
