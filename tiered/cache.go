@@ -292,7 +292,7 @@ func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 // from the hot index when its slot holds the entry, else from ristretto,
 // promoting the entry into the index.
 func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
-	if e := c.hot.slot(h).Load(); e != nil && c.valid(e, h, key) {
+	if e := c.hot.lookup(h); e != nil && c.valid(e, h, key) {
 		if c.hits.Inc()%hotSampleEvery == 0 {
 			c.l1.Get(h) // an access for ristretto's admission policy
 		}

@@ -37,19 +37,29 @@ import (
 // Two hot keys whose hashes share a slot take turns in it: each promotion
 // replaces the other, and both are still served, through ristretto.
 type hotIndex[V any] struct {
-	slots []atomic.Pointer[entry[V]]
+	slots []hotSlot[V]
 	mask  uint64
+}
+
+// hotSlot is one entry pointer and the hash it was promoted under. A read
+// compares the hash first, so a slot holding another key costs one cache
+// line, not a visit to that key's entry too. The two words are not updated
+// as one, and need not be: the hash is only a hint, and whatever pointer a
+// reader gets, the fence (valid) checks its key.
+type hotSlot[V any] struct {
+	hash atomic.Uint64
+	e    atomic.Pointer[entry[V]]
 }
 
 // hotSampleEvery is how often a hit served by the index is also recorded in
 // ristretto (a power of two).
 const hotSampleEvery = 8
 
-// Index sizes: one slot (8 bytes) per hotBytesPerSlot of L1MaxCost, within
-// [hotMinSlots, hotMaxSlots]. The default 64 MiB L1 gets 16,384 slots
+// Index sizes: one slot (16 bytes) per hotBytesPerSlot of L1MaxCost, within
+// [hotMinSlots, hotMaxSlots]. The default 64 MiB L1 gets 8,192 slots
 // (128 KiB).
 const (
-	hotBytesPerSlot = 4 << 10
+	hotBytesPerSlot = 8 << 10
 	hotMinSlots     = 1 << 10
 	hotMaxSlots     = 1 << 16
 )
@@ -57,35 +67,44 @@ const (
 func newHotIndex[V any](l1MaxCost int64) hotIndex[V] {
 	n := uint64(min(max(l1MaxCost/hotBytesPerSlot, hotMinSlots), hotMaxSlots))
 	n = 1 << (64 - bits.LeadingZeros64(n-1)) // the next power of two
-	return hotIndex[V]{slots: make([]atomic.Pointer[entry[V]], n), mask: n - 1}
+	return hotIndex[V]{slots: make([]hotSlot[V], n), mask: n - 1}
 }
 
-func (x hotIndex[V]) slot(h uint64) *atomic.Pointer[entry[V]] {
+func (x hotIndex[V]) slot(h uint64) *hotSlot[V] {
 	return &x.slots[h&x.mask]
+}
+
+// lookup returns the entry promoted under h, or nil.
+func (x hotIndex[V]) lookup(h uint64) *entry[V] {
+	if s := x.slot(h); s.hash.Load() == h {
+		return s.e.Load()
+	}
+	return nil
 }
 
 // promote gives e, just found in ristretto and accepted by the fence, the
 // slot of its hash. It writes only when the slot holds something else.
 func (x hotIndex[V]) promote(h uint64, e *entry[V]) {
 	s := x.slot(h)
-	if s.Load() == e {
+	if s.e.Load() == e {
 		return
 	}
-	s.Store(e)
+	s.e.Store(e)
+	s.hash.Store(h)
 	if e.gone.Load() {
-		s.CompareAndSwap(e, nil)
+		s.e.CompareAndSwap(e, nil)
 	}
 }
 
 // exit is ristretto's OnExit: e is no longer in ristretto.
 func (x hotIndex[V]) exit(e *entry[V]) {
 	e.gone.Store(true)
-	x.slot(e.hash).CompareAndSwap(e, nil)
+	x.slot(e.hash).e.CompareAndSwap(e, nil)
 }
 
 // clear empties every slot (Close).
 func (x hotIndex[V]) clear() {
 	for i := range x.slots {
-		x.slots[i].Store(nil)
+		x.slots[i].e.Store(nil)
 	}
 }

@@ -19,7 +19,7 @@ func TestHotIndex_Size(t *testing.T) {
 	}{
 		{0, hotMinSlots},
 		{1 << 20, hotMinSlots},
-		{DefaultL1MaxCost, 16384},
+		{DefaultL1MaxCost, 8192},
 		{5000 * hotBytesPerSlot, 8192}, // rounded up to a power of two
 		{1 << 40, hotMaxSlots},
 	} {
@@ -40,30 +40,36 @@ func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
 
 	e := hotEntry("a", h)
 	x.promote(h, e)
-	if x.slot(h).Load() != e {
+	if x.slot(h).e.Load() != e || x.lookup(h) != e {
 		t.Fatal("promote did not fill the slot")
 	}
+	if x.lookup(h+x.mask+1) != nil {
+		t.Fatal("lookup of another hash that maps to the slot returned its entry")
+	}
 	x.exit(e)
-	if x.slot(h).Load() != nil {
+	if x.slot(h).e.Load() != nil {
 		t.Fatal("exit after promote left the entry in its slot")
 	}
 
 	late := hotEntry("a", h)
 	x.exit(late) // ristretto dropped it before the reader promoted it
 	x.promote(h, late)
-	if x.slot(h).Load() != nil {
+	if x.slot(h).e.Load() != nil {
 		t.Fatal("promote after exit left the entry in its slot")
 	}
 
 	first, second := hotEntry("a", h), hotEntry("b", h+x.mask+1) // same slot
 	x.promote(h, first)
 	x.promote(second.hash, second)
+	if x.lookup(h) != nil || x.lookup(second.hash) != second {
+		t.Fatal("the slot answers for the hash it was promoted under only")
+	}
 	x.exit(first)
-	if x.slot(h).Load() != second {
+	if x.slot(h).e.Load() != second {
 		t.Fatal("exit of a displaced entry cleared the slot its successor holds")
 	}
 	x.clear()
-	if x.slot(h).Load() != nil {
+	if x.slot(h).e.Load() != nil {
 		t.Fatal("clear left a slot filled")
 	}
 }
@@ -85,9 +91,9 @@ func TestHotIndex_ConcurrentPromoteAndExit(t *testing.T) {
 		wg.Go(func() { <-start; x.exit(e) })
 		close(start)
 		wg.Wait()
-		if x.slot(h).Load() == e {
+		if x.slot(h).e.Load() == e {
 			pinned++
-			x.slot(h).Store(nil)
+			x.slot(h).e.Store(nil)
 		}
 	}
 	if pinned > 0 {
@@ -134,7 +140,7 @@ func TestHotIndex_HoldsOnlyWhatRistrettoHolds(t *testing.T) {
 	}
 	filled := 0
 	for i := range c.hot.slots {
-		e := c.hot.slots[i].Load()
+		e := c.hot.slots[i].e.Load()
 		if e == nil {
 			continue
 		}
