@@ -34,16 +34,19 @@ const (
 )
 
 // entry is what L1 holds: the decoded value plus the fence snapshot taken
-// before the read that produced it. It is immutable once stored.
+// before the read that produced it. It is immutable once stored, but for
+// gone and pseq, the hot index's (see hot.go).
 type entry[V any] struct {
 	// The fields a hit reads come first (the fence's, then the value), so
 	// that a hit touches as few cache lines of the entry as its V allows.
 	key      string
 	expires  int64 // coarse-clock unix ns
 	stripe   uint32
-	negative bool // the loader said the key is absent at the source
+	gone     atomic.Bool // ristretto let go of it (see hotIndex)
+	negative bool        // the loader said the key is absent at the source
 	ns       uint64
 	epoch    uint64
+	pseq     atomic.Uint64 // its hot-index slot's fill count when it was promoted
 	val      V
 
 	raw  []byte // the encoded payload, kept only with CopyOnRead
@@ -52,10 +55,8 @@ type entry[V any] struct {
 	// expiry), and wid its write ID in Redis: what a refresh must replace.
 	fresh int64
 	wid   uint64
-	eager int64 // when a Remember hit starts a background refresh (EagerRefresh); 0: never
-
-	hash uint64      // xxhash of key: the entry's hot-index slot (set by store)
-	gone atomic.Bool // ristretto let go of it (see hotIndex)
+	eager int64  // when a Remember hit starts a background refresh (EagerRefresh); 0: never
+	hash  uint64 // xxhash of key: the entry's hot-index slot (set by store)
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -298,12 +299,13 @@ func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
 		}
 		return e, true
 	}
+	seq := c.hot.seq(h)
 	e, hit := c.l1.Get(h)
 	if !hit || !c.valid(e, h, key) {
 		return nil, false
 	}
 	if c.hits.Inc()%hotSampleEvery == 0 {
-		c.hot.promote(h, e)
+		c.hot.promote(h, e, seq)
 	}
 	return e, true
 }
@@ -569,8 +571,8 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 	return ks, ss
 }
 
-// store hands e to ristretto (no TTL: e carries its own expiry) and waits
-// until it is visible.
+// store hands e to ristretto (no TTL: e carries its own expiry), waits
+// until it is visible, and retires the hot index's promotions in its slot.
 func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	e.hash = h
 	if c.l1.Set(h, e, e.cost) {
@@ -580,6 +582,7 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	} else {
 		c.st.l1Dropped.Add(1)
 	}
+	c.hot.filled(h) // before the caller returns the value: see hot.go
 }
 
 // Set stores v under key in Redis for ttl (0 means Options.TTL) and

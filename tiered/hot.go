@@ -7,7 +7,8 @@ import (
 
 // The hot index is a lock-free, direct-mapped table of pointers to entries
 // that ristretto holds, indexed by the key's hash. An L1 hit looks there
-// first: one atomic load, then the same fence as any hit. ristretto's own Get
+// first: the slot's pointer and fill count and the entry's promotion count
+// (three loads, no writes), then the same fence as any hit. ristretto's own Get
 // takes a read lock on a shard (an atomic add on a shared line, twice) and
 // pushes the access into a sync.Pool-backed ring; the index does neither, so
 // a hit served from it is several times cheaper than ristretto's Get, and
@@ -23,16 +24,25 @@ import (
 //     stores then checks gone, OnExit sets gone then clears the slot, and with
 //     sequentially consistent atomics at least one of them sees the other's
 //     write. Once both are done, no slot holds an entry ristretto dropped.
-//   - Validity is the fence's alone (valid): a slot's entry is accepted under
-//     exactly the conditions a ristretto hit is. A replaced or evicted entry
-//     that a racing reader still finds in its slot for an instant passed the
-//     same fence, so it is a value the cache could legitimately have served
-//     from ristretto a moment earlier.
+//   - A slot serves an entry only while no fill has landed in the slot since
+//     the read that promoted it began, and only if it passes the same fence
+//     as a ristretto hit (valid). Each slot counts the fills of the keys that
+//     map to it (store bumps it after ristretto's Set, before the fill's value
+//     is returned), and a promotion records the count its reader saw before
+//     asking ristretto. So once a read has returned a refill, no entry that
+//     ristretto held before that refill, evicted or replaced, is served from
+//     the index again, however late a racing reader promotes it: monotonic
+//     reads hold as they do through ristretto. The gone flag alone would not
+//     do, since ristretto drops an entry some instructions before its OnExit
+//     runs (TestHotIndex_NeverServesAReplacedEntry). A fill of another key
+//     in the slot costs the slot's entry its place until its next promotion.
 //   - ristretto's TinyLFU admission counts accesses. Hits served by the index
 //     would not reach it, and a hot key would look cold, so every
 //     hotSampleEvery-th hit on a P also calls ristretto's Get to record one.
+//     Promotion is sampled alike, so a new entry is read through ristretto,
+//     every access counted, about that many times before it gets a slot.
 //     Counts of keys served from the index are scaled down alike; ristretto's
-//     own access ring is lossy by design too.
+//     own access ring is lossy by design too (TestHotIndex_KeepsHotKeysAdmitted).
 //
 // Two hot keys whose hashes share a slot take turns in it: each promotion
 // replaces the other, and both are still served, through ristretto.
@@ -41,14 +51,12 @@ type hotIndex[V any] struct {
 	mask  uint64
 }
 
-// hotSlot is one entry pointer and the hash it was promoted under. A read
-// compares the hash first, so a slot holding another key costs one cache
-// line, not a visit to that key's entry too. The two words are not updated
-// as one, and need not be: the hash is only a hint, and whatever pointer a
-// reader gets, the fence (valid) checks its key.
+// hotSlot is one entry pointer and the count of fills that landed in the
+// slot. An entry is served from it only if the count it was promoted under
+// (its pseq) is still the slot's.
 type hotSlot[V any] struct {
-	hash atomic.Uint64
-	e    atomic.Pointer[entry[V]]
+	e     atomic.Pointer[entry[V]]
+	fills atomic.Uint64
 }
 
 // hotSampleEvery is how often a hit served by the index is also recorded in
@@ -74,23 +82,33 @@ func (x hotIndex[V]) slot(h uint64) *hotSlot[V] {
 	return &x.slots[h&x.mask]
 }
 
-// lookup returns the entry promoted under h, or nil.
+// lookup returns the entry in h's slot if no fill has landed there since
+// its promotion, or nil. The caller still checks the key and the fence.
 func (x hotIndex[V]) lookup(h uint64) *entry[V] {
-	if s := x.slot(h); s.hash.Load() == h {
-		return s.e.Load()
+	s := x.slot(h)
+	if e := s.e.Load(); e != nil && e.pseq.Load() == s.fills.Load() {
+		return e
 	}
 	return nil
 }
 
-// promote gives e, just found in ristretto and accepted by the fence, the
-// slot of its hash. It writes only when the slot holds something else.
-func (x hotIndex[V]) promote(h uint64, e *entry[V]) {
+// seq is h's slot's fill count, read before a ristretto lookup whose entry
+// may be promoted.
+func (x hotIndex[V]) seq(h uint64) uint64 { return x.slot(h).fills.Load() }
+
+// filled records that a fill of a key mapping to h's slot is now visible in
+// ristretto; every entry promoted before it stops being served from the slot.
+func (x hotIndex[V]) filled(h uint64) { x.slot(h).fills.Add(1) }
+
+// promote gives e, found in ristretto after seq returned pseq and accepted
+// by the fence, the slot of its hash.
+func (x hotIndex[V]) promote(h uint64, e *entry[V], pseq uint64) {
 	s := x.slot(h)
-	if s.e.Load() == e {
+	if s.e.Load() == e && e.pseq.Load() == pseq {
 		return
 	}
+	e.pseq.Store(pseq)
 	s.e.Store(e)
-	s.hash.Store(h)
 	if e.gone.Load() {
 		s.e.CompareAndSwap(e, nil)
 	}

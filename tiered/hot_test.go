@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func hotEntry(key string, h uint64) *entry[string] {
@@ -39,12 +40,9 @@ func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
 	const h = 42
 
 	e := hotEntry("a", h)
-	x.promote(h, e)
+	x.promote(h, e, x.seq(h))
 	if x.slot(h).e.Load() != e || x.lookup(h) != e {
 		t.Fatal("promote did not fill the slot")
-	}
-	if x.lookup(h+x.mask+1) != nil {
-		t.Fatal("lookup of another hash that maps to the slot returned its entry")
 	}
 	x.exit(e)
 	if x.slot(h).e.Load() != nil {
@@ -53,16 +51,16 @@ func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
 
 	late := hotEntry("a", h)
 	x.exit(late) // ristretto dropped it before the reader promoted it
-	x.promote(h, late)
+	x.promote(h, late, x.seq(h))
 	if x.slot(h).e.Load() != nil {
 		t.Fatal("promote after exit left the entry in its slot")
 	}
 
 	first, second := hotEntry("a", h), hotEntry("b", h+x.mask+1) // same slot
-	x.promote(h, first)
-	x.promote(second.hash, second)
-	if x.lookup(h) != nil || x.lookup(second.hash) != second {
-		t.Fatal("the slot answers for the hash it was promoted under only")
+	x.promote(h, first, x.seq(h))
+	x.promote(second.hash, second, x.seq(h))
+	if x.lookup(h) != second {
+		t.Fatal("the second promotion did not take the slot")
 	}
 	x.exit(first)
 	if x.slot(h).e.Load() != second {
@@ -71,6 +69,29 @@ func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
 	x.clear()
 	if x.slot(h).e.Load() != nil {
 		t.Fatal("clear left a slot filled")
+	}
+}
+
+// TestHotIndex_FillRetiresPromotions: a fill landing in a slot stops the
+// slot's entry being served until it is promoted again, and a promotion
+// whose reader looked before the fill does not bring it back.
+func TestHotIndex_FillRetiresPromotions(t *testing.T) {
+	x := newHotIndex[string](0)
+	const h = 9
+	e := hotEntry("a", h)
+	before := x.seq(h)
+	x.promote(h, e, before)
+	x.filled(h)
+	if x.lookup(h) != nil {
+		t.Fatal("the slot still serves an entry promoted before a fill")
+	}
+	x.promote(h, e, before) // a reader that asked ristretto before the fill
+	if x.lookup(h) != nil {
+		t.Fatal("a promotion from before the fill was served")
+	}
+	x.promote(h, e, x.seq(h))
+	if x.lookup(h) != e {
+		t.Fatal("a promotion after the fill was not served")
 	}
 }
 
@@ -87,7 +108,7 @@ func TestHotIndex_ConcurrentPromoteAndExit(t *testing.T) {
 		e := hotEntry(fmt.Sprint("k", i), h)
 		start := make(chan struct{})
 		var wg sync.WaitGroup
-		wg.Go(func() { <-start; x.promote(h, e) })
+		wg.Go(func() { <-start; x.promote(h, e, x.seq(h)) })
 		wg.Go(func() { <-start; x.exit(e) })
 		close(start)
 		wg.Wait()
@@ -156,4 +177,80 @@ func TestHotIndex_HoldsOnlyWhatRistrettoHolds(t *testing.T) {
 	if filled == 0 {
 		t.Fatal("no slot filled: reads never went through the index")
 	}
+}
+
+// TestHotIndex_NeverServesAReplacedEntry forces the moments an entry
+// ristretto no longer holds sits in a slot: a reader found it in ristretto,
+// then ristretto dropped it (evicted, or replaced by a refill), and the
+// reader's promote has stored it but not yet looked at gone. Meanwhile L2 moved on without
+// an invalidation reaching this instance yet (a write still in flight), so
+// the old entry still passes the fence, and a read already returned the
+// newer value from the refill. A later read must not go back to the older
+// value.
+func TestHotIndex_NeverServesAReplacedEntry(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	const key = "replaced"
+	h := hashKey(key)
+	dk := c.dataKey(c.nsGen.Load(), key)
+	envelope := func(v string) []byte {
+		t.Helper()
+		if err := c.Set(ctx, key, v, 0); err != nil {
+			t.Fatal(err)
+		}
+		raw, err := c.rdb.Get(ctx, dk).Bytes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return raw
+	}
+	writeL2 := func(raw []byte) { // a write whose invalidation is still on its way
+		t.Helper()
+		if err := c.rdb.Set(ctx, dk, raw, time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inL1 := func(want string) *entry[string] {
+		t.Helper()
+		e, in := c.l1.Get(h)
+		if !in || e.val != want {
+			t.Fatalf("L1 does not hold %q", want)
+		}
+		return e
+	}
+	// latePromote leaves e where a racing reader's promote puts it before
+	// its second look at gone (which clears the slot once it looks).
+	latePromote := func(e *entry[string], seq uint64) {
+		t.Helper()
+		e.pseq.Store(seq)
+		c.hot.slot(h).e.Store(e)
+		if !e.gone.Load() {
+			t.Fatal("ristretto still holds the old entry")
+		}
+		if !c.valid(e, h, key) {
+			t.Fatal("the old entry fails the fence: this test would not exercise the index")
+		}
+	}
+	newest, newer := envelope("newest"), envelope("newer")
+	if err := c.Set(ctx, key, "old", 0); err != nil {
+		t.Fatal(err)
+	}
+
+	// Evicted, then refilled.
+	mustGet(t, c, key, "old", "fill")
+	old, seq := inL1("old"), c.hot.seq(h)
+	c.l1.Del(h)
+	writeL2(newer)
+	mustGet(t, c, key, "newer", "refill after the eviction")
+	latePromote(old, seq)
+	mustGet(t, c, key, "newer", "read after a late promotion of the evicted entry")
+
+	// Replaced in place by a second fill under the same snapshot.
+	prev, seq := inL1("newer"), c.hot.seq(h)
+	writeL2(newest)
+	c.store(h, &entry[string]{key: key, val: "newest", stripe: prev.stripe, ns: prev.ns, epoch: prev.epoch,
+		expires: prev.expires, cost: prev.cost})
+	mustGet(t, c, key, "newest", "read after the replacing fill")
+	latePromote(prev, seq)
+	mustGet(t, c, key, "newest", "read after a late promotion of the replaced entry")
 }
