@@ -46,7 +46,7 @@ type entry[V any] struct {
 	negative bool        // the loader said the key is absent at the source
 	ns       uint64
 	epoch    uint64
-	pseq     atomic.Uint64 // its hot-index slot's fill count when it was promoted
+	pseq     atomic.Uint64 // its hot-index slot's miss count when it was promoted
 	val      V
 
 	raw  []byte // the encoded payload, kept only with CopyOnRead
@@ -125,6 +125,9 @@ type Cache[V any] struct {
 	// pre-check and right before the ristretto Set: the seam for proving that
 	// validation on read catches what slips past the pre-check.
 	beforeL1Store func(key string)
+	// beforeHotExit, when set by a test, runs in ristretto's OnExit before
+	// the hot index hears of the exit.
+	beforeHotExit atomic.Pointer[func(*entry[V])]
 	// flightStart runs when a read flight's goroutine starts, and
 	// beforeApply before a received invalidation is applied: seams for
 	// forcing a flight to start late and an invalidation to arrive late.
@@ -197,8 +200,20 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			BufferItems: 64,
 			OnEvict:     func(*ristretto.Item[*entry[V]]) { c.st.l1Evicted.Add(1) },
 			OnReject:    func(*ristretto.Item[*entry[V]]) { c.st.l1Rejected.Add(1) },
+			// Runs under the shard's write lock, before the new entry is
+			// visible: once a read can see the replacement, the hot index
+			// no longer serves the entry it replaces (see hot.go).
+			ShouldUpdate: func(_, prev *entry[V]) bool {
+				if prev != nil {
+					prev.gone.Store(true)
+				}
+				return true
+			},
 			OnExit: func(e *entry[V]) {
 				if e != nil {
+					if hook := c.beforeHotExit.Load(); hook != nil {
+						(*hook)(e)
+					}
 					c.hot.exit(e)
 					c.st.l1Exits.Add(1)
 					c.st.l1ExitCost.Add(uint64(e.cost))
@@ -247,8 +262,9 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
 // Redis count as a miss and are deleted.
 //
-// An L1 hit takes no lock of the cache's own (ristretto's Get takes its
-// shard's read lock), allocates nothing and does not look at ctx. On
+// An L1 hit takes no lock (most are served by the hot index in front of
+// ristretto; the rest take a ristretto shard's read lock), allocates nothing
+// and does not look at ctx. On
 // an L1 miss, concurrent Gets of one key share one Redis round trip; a ctx
 // that is already done fails the call at once, and a ctx deadline is always
 // honoured. The caller that performs the shared read does so on its own
@@ -294,7 +310,7 @@ func (c *Cache[V]) valid(e *entry[V], h uint64, key string) bool {
 // promoting the entry into the index.
 func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
 	if e := c.hot.lookup(h); e != nil && c.valid(e, h, key) {
-		if c.hits.Inc()%hotSampleEvery == 0 {
+		if sampled(c.hits.Inc()) {
 			c.l1.Get(h) // an access for ristretto's admission policy
 		}
 		return e, true
@@ -302,9 +318,12 @@ func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
 	seq := c.hot.seq(h)
 	e, hit := c.l1.Get(h)
 	if !hit || !c.valid(e, h, key) {
+		// This read may now return something newer than an entry another
+		// reader found in ristretto before: retire such promotions.
+		c.hot.missed(h)
 		return nil, false
 	}
-	if c.hits.Inc()%hotSampleEvery == 0 {
+	if sampled(c.hits.Inc()) {
 		c.hot.promote(h, e, seq)
 	}
 	return e, true
@@ -571,8 +590,8 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 	return ks, ss
 }
 
-// store hands e to ristretto (no TTL: e carries its own expiry), waits
-// until it is visible, and retires the hot index's promotions in its slot.
+// store hands e to ristretto (no TTL: e carries its own expiry) and waits
+// until it is visible.
 func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	e.hash = h
 	if c.l1.Set(h, e, e.cost) {
@@ -582,7 +601,6 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	} else {
 		c.st.l1Dropped.Add(1)
 	}
-	c.hot.filled(h) // before the caller returns the value: see hot.go
 }
 
 // Set stores v under key in Redis for ttl (0 means Options.TTL) and

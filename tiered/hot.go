@@ -24,21 +24,26 @@ import (
 //     stores then checks gone, OnExit sets gone then clears the slot, and with
 //     sequentially consistent atomics at least one of them sees the other's
 //     write. Once both are done, no slot holds an entry ristretto dropped.
-//   - A slot serves an entry only while no fill has landed in the slot since
-//     the read that promoted it began, and only if it passes the same fence
-//     as a ristretto hit (valid). Each slot counts the fills of the keys that
-//     map to it (store bumps it after ristretto's Set, before the fill's value
-//     is returned), and a promotion records the count its reader saw before
-//     asking ristretto. So once a read has returned a refill, no entry that
-//     ristretto held before that refill, evicted or replaced, is served from
-//     the index again, however late a racing reader promotes it: monotonic
-//     reads hold as they do through ristretto. The gone flag alone would not
-//     do, since ristretto drops an entry some instructions before its OnExit
-//     runs (TestHotIndex_NeverServesAReplacedEntry). A fill of another key
-//     in the slot costs the slot's entry its place until its next promotion.
+//   - A slot serves an entry only if it is not gone, no L1 miss has happened
+//     in the slot since the read that promoted it began, and it passes the
+//     same fence as a ristretto hit (valid). This keeps reads monotonic:
+//     once a read has returned a newer value, no entry ristretto held before
+//     it is served from the index again, however late a racing reader
+//     promotes it. ristretto makes a newer value visible in two ways:
+//     replacing a present key (its ShouldUpdate hook marks the old entry
+//     gone under the shard's write lock, before the new one is visible), or
+//     storing a key it no longer holds, on its policy goroutine, which has
+//     already run OnExit for the evicted entry. A read that returns a newer
+//     value without any store (a miss in Redis too, or a fill L1 refused)
+//     started with an L1 miss, and a miss bumps the slot's count, retiring
+//     every promotion made from a ristretto read before it, including one
+//     of an entry whose eviction has not reached OnExit yet
+//     (TestHotIndex_NeverServesAReplacedEntry forces each case). A miss of
+//     another key in the slot costs the slot's entry its place until its
+//     next promotion.
 //   - ristretto's TinyLFU admission counts accesses. Hits served by the index
 //     would not reach it, and a hot key would look cold, so every
-//     hotSampleEvery-th hit on a P also calls ristretto's Get to record one.
+//     eighth hit or so on a P (sampled) also calls ristretto's Get to record one.
 //     Promotion is sampled alike, so a new entry is read through ristretto,
 //     every access counted, about that many times before it gets a slot.
 //     Counts of keys served from the index are scaled down alike; ristretto's
@@ -49,19 +54,25 @@ import (
 type hotIndex[V any] struct {
 	slots []hotSlot[V]
 	mask  uint64
+	// between, when a test sets it, runs between the two steps of promote
+	// and of exit, to force each interleaving of the two.
+	between func(op string)
 }
 
-// hotSlot is one entry pointer and the count of fills that landed in the
-// slot. An entry is served from it only if the count it was promoted under
-// (its pseq) is still the slot's.
+// hotSlot is one entry pointer and the count of L1 misses in the slot. An
+// entry is served from it only if the count it was promoted under (its
+// pseq) is still the slot's.
 type hotSlot[V any] struct {
-	e     atomic.Pointer[entry[V]]
-	fills atomic.Uint64
+	e      atomic.Pointer[entry[V]]
+	misses atomic.Uint64
 }
 
-// hotSampleEvery is how often a hit served by the index is also recorded in
-// ristretto (a power of two).
-const hotSampleEvery = 8
+// sampled picks about one in eight of a P's hits, from its hit count n:
+// which hits are recorded in ristretto (if served by the index) or promoted
+// (if served by ristretto). The count is scrambled (Fibonacci hashing) so that
+// a fixed access pattern cannot keep a key off every sample point, as n%8
+// could.
+func sampled(n uint64) bool { return (n*0x9E3779B97F4A7C15)>>61 == 0 }
 
 // Index sizes: one slot (16 bytes) per hotBytesPerSlot of L1MaxCost, within
 // [hotMinSlots, hotMaxSlots]. The default 64 MiB L1 gets 8,192 slots
@@ -82,23 +93,25 @@ func (x hotIndex[V]) slot(h uint64) *hotSlot[V] {
 	return &x.slots[h&x.mask]
 }
 
-// lookup returns the entry in h's slot if no fill has landed there since
-// its promotion, or nil. The caller still checks the key and the fence.
+// lookup returns the entry in h's slot if ristretto still holds it and no
+// L1 miss has happened in the slot since its promotion, or nil. The caller
+// still checks the key and the fence.
 func (x hotIndex[V]) lookup(h uint64) *entry[V] {
 	s := x.slot(h)
-	if e := s.e.Load(); e != nil && e.pseq.Load() == s.fills.Load() {
+	if e := s.e.Load(); e != nil && !e.gone.Load() && e.pseq.Load() == s.misses.Load() {
 		return e
 	}
 	return nil
 }
 
-// seq is h's slot's fill count, read before a ristretto lookup whose entry
+// seq is h's slot's miss count, read before a ristretto lookup whose entry
 // may be promoted.
-func (x hotIndex[V]) seq(h uint64) uint64 { return x.slot(h).fills.Load() }
+func (x hotIndex[V]) seq(h uint64) uint64 { return x.slot(h).misses.Load() }
 
-// filled records that a fill of a key mapping to h's slot is now visible in
-// ristretto; every entry promoted before it stops being served from the slot.
-func (x hotIndex[V]) filled(h uint64) { x.slot(h).fills.Add(1) }
+// missed records an L1 miss of a key in h's slot, before the read goes on to
+// Redis or the loader: every entry promoted from a ristretto read made
+// before it stops being served from the slot.
+func (x hotIndex[V]) missed(h uint64) { x.slot(h).misses.Add(1) }
 
 // promote gives e, found in ristretto after seq returned pseq and accepted
 // by the fence, the slot of its hash.
@@ -109,6 +122,9 @@ func (x hotIndex[V]) promote(h uint64, e *entry[V], pseq uint64) {
 	}
 	e.pseq.Store(pseq)
 	s.e.Store(e)
+	if x.between != nil {
+		x.between("promote")
+	}
 	if e.gone.Load() {
 		s.e.CompareAndSwap(e, nil)
 	}
@@ -117,6 +133,9 @@ func (x hotIndex[V]) promote(h uint64, e *entry[V], pseq uint64) {
 // exit is ristretto's OnExit: e is no longer in ristretto.
 func (x hotIndex[V]) exit(e *entry[V]) {
 	e.gone.Store(true)
+	if x.between != nil {
+		x.between("exit")
+	}
 	x.slot(e.hash).e.CompareAndSwap(e, nil)
 }
 
