@@ -7,7 +7,7 @@ import (
 
 // The hot index is a lock-free, direct-mapped table of pointers to entries
 // that ristretto holds, indexed by the key's hash. An L1 hit looks there
-// first: the slot's pointer and fill count and the entry's promotion count
+// first: the slot's pointer and miss count and the entry's promotion count
 // (three loads, no writes), then the same fence as any hit. ristretto's own Get
 // takes a read lock on a shard (an atomic add on a shared line, twice) and
 // pushes the access into a sync.Pool-backed ring; the index does neither, so
@@ -34,13 +34,17 @@ import (
 //     gone under the shard's write lock, before the new one is visible), or
 //     storing a key it no longer holds, on its policy goroutine, which has
 //     already run OnExit for the evicted entry. A read that returns a newer
-//     value without any store (a miss in Redis too, or a fill L1 refused)
-//     started with an L1 miss, and a miss bumps the slot's count, retiring
+//     value without any store (a miss in Redis too, an Exists) started with
+//     an L1 miss, and a miss bumps the slot's count, retiring
 //     every promotion made from a ristretto read before it, including one
 //     of an entry whose eviction has not reached OnExit yet
-//     (TestHotIndex_NeverServesAReplacedEntry forces each case). A miss of
-//     another key in the slot costs the slot's entry its place until its
-//     next promotion.
+//     (TestHotIndex_NeverServesAReplacedEntry forces each case). A value
+//     returned without being stored after an L1 hit (a stale Remember hit
+//     that waited for its refresh) voids the key through the fence instead
+//     (storeLoaded). A miss of another key in the slot costs the slot's
+//     entry its place until its next promotion: a stream of reads of
+//     absent keys, which are never cached, keeps knocking entries out of
+//     the slots they land in.
 //   - ristretto's TinyLFU admission counts accesses. Hits served by the index
 //     would not reach it, and a hot key would look cold, so every
 //     eighth hit or so on a P (sampled) also calls ristretto's Get to record one.

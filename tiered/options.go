@@ -114,7 +114,9 @@ type Options struct {
 	TTLJitter float64
 
 	// L1MaxCost bounds L1 in bytes (approximate: encoded size plus key plus a
-	// fixed overhead per entry). Zero means DefaultL1MaxCost.
+	// fixed overhead per entry). Zero means DefaultL1MaxCost. The hot index
+	// that serves most L1 hits adds 16 bytes per 8 KiB of it (between 1,024
+	// and 65,536 slots), outside this bound.
 	L1MaxCost int64
 
 	// MaxKeyLen rejects longer keys with ErrInvalidKey. Zero means

@@ -422,6 +422,8 @@ func (c *Cache[V]) loadDegraded(ctx context.Context, key string, h uint64, s sna
 	}
 	if degraded(s) {
 		c.fillLoaded(key, h, s, v)
+	} else {
+		c.invalidateLocal(key) // served, not kept: see storeLoaded
 	}
 	return readResult[V]{val: v, found: true}, nil
 }
@@ -439,17 +441,24 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 	} else {
 		raw, payload, err = c.encodeValue(*v)
 	}
+	// A loaded value that is returned but not stored voids the key: L1 may
+	// hold an older value of it under a snapshot that is still current (a
+	// stale entry this load refreshes, while a peer's write has reached the
+	// source and Redis but not yet this instance), and no later read here
+	// may go back to that.
 	if err != nil {
+		c.invalidateLocal(key)
 		return // unencodable or too large: serve it, do not cache it
 	}
 	if !c.memoryOnly() {
 		// A load older than the tombstones that fence it could slip past
 		// them; its value is served but not stored.
 		if time.Since(started) >= c.opts.TombstoneTTL {
+			c.invalidateLocal(key)
 			return
 		}
 		if c.admit() != nil {
-			c.invalidateLocalIfStale(key, h, s)
+			c.invalidateLocal(key)
 			return
 		}
 		start := time.Now()
@@ -465,7 +474,7 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 			}
 			// Something wrote the key while we loaded, or Redis failed: L1
 			// must not hold a value Redis does not.
-			c.invalidateLocalIfStale(key, h, s)
+			c.invalidateLocal(key)
 			return
 		}
 	}
@@ -473,16 +482,11 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 		c.fillNegative(key, h, s, ttl)
 		return
 	}
-	c.fill(key, h, s, *v, payload, raw, ttl)
-}
-
-// invalidateLocalIfStale voids key locally if an invalidation arrived since
-// s: the value being returned may be newer than what L1 now holds (see
-// fill).
-func (c *Cache[V]) invalidateLocalIfStale(key string, h uint64, s snapshot) {
-	if s != c.snap(h) {
-		c.invalidateLocal(key)
+	var replaces uint64
+	if expect != nil {
+		_, replaces = freshness(expect, c.opts.PlainJSON)
 	}
+	c.fillReplacing(key, h, s, *v, payload, raw, ttl, replaces)
 }
 
 // fillNegative remembers in L1 that key is absent at the source.
@@ -505,7 +509,7 @@ func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Dur
 		return
 	}
 	c.store(h, &entry[V]{key: key, negative: true, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
-		expires: expiry(ttl), cost: int64(len(key) + entryCost)})
+		expires: expiry(ttl), cost: int64(len(key) + entryCost), ver: absentVer})
 }
 
 // BatchLoader loads the values of keys from the source of truth, for
