@@ -57,29 +57,6 @@ type entry[V any] struct {
 	wid   uint64
 	eager int64  // when a Remember hit starts a background refresh (EagerRefresh); 0: never
 	hash  uint64 // xxhash of key: the entry's hot-index slot (set by store)
-	// ver identifies the L2 state the entry was read from (its write ID, a
-	// hash of the bytes without an envelope, or absentVer); 0 for entries
-	// not read from L2. replaces is, for a refresh, the ver it was loaded to
-	// replace. refused is set when ristretto's ShouldUpdate turned the entry
-	// away (see conflicts).
-	ver      uint64
-	replaces uint64
-	refused  atomic.Bool
-}
-
-// absentVer is the ver of a negative entry: absent at the source.
-const absentVer = 1
-
-// conflicts reports whether cur and prev are two reads of one key under one
-// fence snapshot that found different L2 states: two flights (a Get's and a
-// Remember's, which do not join) that read Redis on either side of a write
-// whose invalidation has not arrived yet. Neither may replace the other in
-// L1, since either may be the one a caller has already been given; the key
-// is voided instead (store), and the next read goes to Redis. A refresh
-// loaded to replace exactly prev does not conflict with it.
-func conflicts[V any](cur, prev *entry[V]) bool {
-	return cur.ver != 0 && prev.ver != 0 && cur.ver != prev.ver && cur.replaces != prev.ver &&
-		cur.key == prev.key && cur.stripe == prev.stripe && cur.ns == prev.ns && cur.epoch == prev.epoch
 }
 
 // snapshot is the fence state read before an L2 read or a load.
@@ -226,12 +203,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			// Runs under the shard's write lock, before the new entry is
 			// visible: once a read can see the replacement, the hot index
 			// no longer serves the entry it replaces (see hot.go).
-			// It also turns away a conflicting entry (see conflicts).
-			ShouldUpdate: func(cur, prev *entry[V]) bool {
-				if cur != nil && prev != nil && conflicts(cur, prev) {
-					cur.refused.Store(true)
-					return false
-				}
+			ShouldUpdate: func(_, prev *entry[V]) bool {
 				if prev != nil {
 					prev.gone.Store(true)
 				}
@@ -555,18 +527,13 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 // that bump and forget in one step, this keeps reads on one instance
 // monotonic: once a read has returned a value, no later read on the
 // instance returns an older one (TestFleet_Stress checks it per reader).
-// Two flights that do not join (a Get's and a Remember's) can still read
-// one key under one snapshot on either side of a peer's write whose
-// invalidation is on its way; ristretto's ShouldUpdate then refuses the
-// second entry and store voids the key (conflicts), and a value returned
-// without being stored voids it too (TestMonotonic_*).
+// A value returned without being stored voids the key (TestMonotonic_*).
+// One gap remains: a Get's flight and a Remember's do not join, so the two
+// can read one key under one snapshot on either side of a peer's write
+// whose invalidation is on its way, and the older one's fill can land after
+// the newer one's was returned; it is voided when that invalidation
+// arrives.
 func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []byte, l2TTL time.Duration) {
-	c.fillReplacing(key, h, s, val, payload, raw, l2TTL, 0)
-}
-
-// fillReplacing is fill for a refresh loaded to replace the entry whose ver
-// is replaces.
-func (c *Cache[V]) fillReplacing(key string, h uint64, s snapshot, val V, payload, raw []byte, l2TTL time.Duration, replaces uint64) {
 	if s != c.snap(h) {
 		// Something voided this key while we read it, so L1 may now hold a
 		// valid entry from a flight that started after that and yet read
@@ -590,10 +557,6 @@ func (c *Cache[V]) fillReplacing(key string, h uint64, s snapshot, val V, payloa
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
 		expires: expiry(ttl), cost: int64(len(raw) + len(key) + entryCost)}
 	e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
-	e.ver, e.replaces = e.wid, replaces
-	if e.ver == 0 && len(raw) > 0 { // no envelope (PlainJSON): the bytes themselves
-		e.ver = xxhash.Sum64(raw) | 2
-	}
 	if e.fresh != 0 && c.opts.EagerRefresh > 0 {
 		e.eager = e.fresh - int64((1-c.opts.EagerRefresh)*float64(c.opts.FreshFor))
 	}
@@ -637,24 +600,14 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 
 // store hands e to ristretto (no TTL: e carries its own expiry) and waits
 // until it is visible.
-//
-// An entry read from L2 that does not stick (turned away as conflicting,
-// dropped, or already gone once visible: rejected by admission, or behind
-// an entry of the same key that ristretto kept, pitfalls R3) voids its key:
-// its caller is about to return a value that L1 may hold an older one of.
 func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	e.hash = h
-	stuck := false
 	if c.l1.Set(h, e, e.cost) {
 		c.st.l1Sets.Add(1)
 		c.st.l1SetCost.Add(uint64(e.cost))
 		c.l1.Wait()
-		stuck = !e.refused.Load() && !e.gone.Load()
 	} else {
 		c.st.l1Dropped.Add(1)
-	}
-	if !stuck && e.ver != 0 {
-		c.invalidateLocal(e.key)
 	}
 }
 

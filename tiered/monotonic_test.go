@@ -2,7 +2,7 @@ package tiered
 
 import (
 	"context"
-	"sync"
+	"errors"
 	"testing"
 	"time"
 )
@@ -95,44 +95,6 @@ func TestMonotonic_StaleRefreshThroughIndex(t *testing.T) {
 	}
 }
 
-// A Get flight and a Remember flight of one key are not joined, and share a
-// snapshot. The Get flight reads Redis before a peer's write; the Remember
-// (after an L1 miss) reads the new value, fills and returns it; the Get
-// flight's fill must not then replace it (conflicts).
-func TestMonotonic_GetFlightVsRememberFlight(t *testing.T) {
-	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
-	ctx := ctxT(t)
-	const key = "gr"
-	dk, newer := peerWrite(t, c, key)
-	reached, resume := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	c.setReadHook(func(k string) {
-		if k == key {
-			once.Do(func() { close(reached); <-resume })
-		}
-	})
-	getDone := make(chan string)
-	go func() { v, _, _ := c.Get(ctx, key); getDone <- v }()
-	await(t, reached, "the Get flight's L2 read")
-	if err := c.rdb.Set(ctx, dk, newer, time.Hour).Err(); err != nil {
-		t.Fatal(err)
-	}
-	v, err := c.Remember(ctx, key, func(context.Context, string) (string, error) {
-		t.Error("loader called")
-		return "", nil
-	})
-	if err != nil || v != "new" {
-		t.Fatalf("R1: Remember = %q, %v", v, err)
-	}
-	close(resume)
-	if v := <-getDone; v != "old" && v != "new" {
-		t.Fatalf("the racing Get returned %q", v)
-	}
-	if v, _, _ := c.Get(ctx, key); v != "new" {
-		t.Fatalf("R2 after R1 returned \"new\": Get = %q (monotonic reads broken)", v)
-	}
-}
-
 // Exists looks in ristretto, not the index. With the entry dropped by
 // ristretto (OnExit pending) and a peer's Delete in Redis, it reads Redis and
 // says absent; its miss must retire the index's entry, or the next Get says
@@ -161,4 +123,61 @@ func TestMonotonic_ExistsThenGet(t *testing.T) {
 	if v, ok, _ := c.Get(ctx, key); ok {
 		t.Fatalf("after Exists said absent, Get = %q from the index", v)
 	}
+}
+
+// TestMonotonic_RefreshesLandInL1 guards the other side of the voids: a
+// refresh that replaces the stale entry it refreshed, or finds that another
+// instance refreshed first, must land in L1 and not void the key, or every
+// refresh would cost each instance a miss and a second Redis read.
+func TestMonotonic_RefreshesLandInL1(t *testing.T) {
+	check := func(t *testing.T, c *Cache[string], want string) {
+		t.Helper()
+		misses := c.st.l1Misses.Load()
+		v, err := c.Remember(ctxT(t), "k", func(context.Context, string) (string, error) {
+			return "", errors.New("the loader ran: the refreshed value is not in L1")
+		})
+		if err != nil || v != want {
+			t.Fatalf("Remember after the refresh = %q, %v; want %q from L1", v, err, want)
+		}
+		if d := c.st.l1Misses.Load() - misses; d != 0 {
+			t.Fatalf("%d L1 misses after the refresh: it did not land", d)
+		}
+	}
+	t.Run("stale, waited for", func(t *testing.T) {
+		c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour, FreshFor: 30 * time.Millisecond, SoftTimeout: 2 * time.Second})
+		ctx := ctxT(t)
+		version := "v1"
+		load := func(context.Context, string) (string, error) { return version, nil }
+		if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+			t.Fatalf("first Remember = %q, %v", v, err)
+		}
+		version = "v2"
+		time.Sleep(60 * time.Millisecond) // past FreshFor
+		if v, err := c.Remember(ctx, "k", load); err != nil || v != "v2" {
+			t.Fatalf("stale Remember = %q, %v; want the refreshed v2", v, err)
+		}
+		check(t, c, "v2")
+	})
+	t.Run("a peer refreshed first", func(t *testing.T) {
+		f := newFleet[string](t, shared, 2, Options{TTL: time.Hour, L1TTL: time.Hour, FreshFor: 30 * time.Millisecond, SoftTimeout: 2 * time.Second})
+		self, peer := f[0].c, f[1].c
+		ctx := ctxT(t)
+		version := "v1"
+		load := func(context.Context, string) (string, error) { return version, nil }
+		for _, c := range []*Cache[string]{self, peer} {
+			if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+				t.Fatalf("first Remember = %q, %v", v, err)
+			}
+		}
+		version = "v2"
+		time.Sleep(60 * time.Millisecond) // past FreshFor
+		if v, err := peer.Remember(ctx, "k", load); err != nil || v != "v2" {
+			t.Fatalf("peer's stale Remember = %q, %v", v, err)
+		}
+		version = "v3" // self must take the peer's v2 from Redis, not load
+		if v, err := self.Remember(ctx, "k", load); err != nil || v != "v2" {
+			t.Fatalf("stale Remember after the peer's refresh = %q, %v; want v2", v, err)
+		}
+		check(t, self, "v2")
+	})
 }

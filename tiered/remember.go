@@ -482,11 +482,7 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 		c.fillNegative(key, h, s, ttl)
 		return
 	}
-	var replaces uint64
-	if expect != nil {
-		_, replaces = freshness(expect, c.opts.PlainJSON)
-	}
-	c.fillReplacing(key, h, s, *v, payload, raw, ttl, replaces)
+	c.fill(key, h, s, *v, payload, raw, ttl)
 }
 
 // fillNegative remembers in L1 that key is absent at the source.
@@ -499,6 +495,7 @@ func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Dur
 		return
 	}
 	if s.epoch&1 == 1 {
+		c.invalidateLocal(key) // returned, not kept: see storeLoaded
 		return
 	}
 	ttl := min(c.jitter(c.opts.NegativeTTL), c.jitter(c.opts.L1TTL))
@@ -506,10 +503,11 @@ func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Dur
 		ttl = l2TTL
 	}
 	if ttl <= clockTick {
+		c.invalidateLocal(key)
 		return
 	}
 	c.store(h, &entry[V]{key: key, negative: true, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
-		expires: expiry(ttl), cost: int64(len(key) + entryCost), ver: absentVer})
+		expires: expiry(ttl), cost: int64(len(key) + entryCost)})
 }
 
 // BatchLoader loads the values of keys from the source of truth, for
@@ -658,6 +656,8 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], &v, started)
 			} else if degraded(snaps[k]) || c.memoryOnly() {
 				c.fillLoaded(k, h, snaps[k], v)
+			} else {
+				c.invalidateLocal(k) // served, not kept: see storeLoaded
 			}
 		default:
 			out[rememberKey(k)] = readResult[V]{negative: true}
