@@ -167,7 +167,7 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		opts:    opts,
 		stripes: make([]atomic.Uint32, stripeCount),
 		base:    opts.KeyPrefix + name + ":" + opts.Schema + ":",
-		flights: flight.New[readResult[V]](),
+		flights: flight.NewRivals[readResult[V]](rivalFlight),
 		start:   time.Now(),
 	}
 	c.genKey = c.base + "nsgen"
@@ -271,7 +271,10 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // goroutine (no hand-off: it is the fast path), so a cancellation of its ctx
 // without a deadline is noticed when the read returns, at most
 // Options.CommandTimeout later; the callers that joined it can leave at any
-// time.
+// time. If a Remember in this process is reading or loading the same key,
+// Get waits for it to finish (as long as ctx allows) and then reads Redis
+// itself: the two never read one key at once, which keeps reads monotonic.
+// Such a wait can last as long as the load.
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
 	if c.l1 != nil && !c.closing.Load() {
 		h := xxhash.Sum64String(key)
@@ -490,6 +493,16 @@ func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint6
 	return readResult[V]{val: val, found: true}
 }
 
+// rivalFlight pairs a key's Get flight with its Remember flight: the flight
+// group never runs the two at once, so two reads of one key never race to
+// fill L1 under one fence snapshot (see fill).
+func rivalFlight(fk string) string {
+	if fk[0] == 'g' {
+		return "r" + fk[1:]
+	}
+	return "g" + fk[1:]
+}
+
 // flightKey is a key's name in the flight group; the prefix leaves room for
 // other kinds of flights (loads) over the same keys.
 func flightKey(key string) string { return "g" + key }
@@ -527,12 +540,12 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 // that bump and forget in one step, this keeps reads on one instance
 // monotonic: once a read has returned a value, no later read on the
 // instance returns an older one (TestFleet_Stress checks it per reader).
-// A value returned without being stored voids the key (TestMonotonic_*).
-// One gap remains: a Get's flight and a Remember's do not join, so the two
-// can read one key under one snapshot on either side of a peer's write
-// whose invalidation is on its way, and the older one's fill can land after
-// the newer one's was returned; it is voided when that invalidation
-// arrives.
+// A value returned without being stored voids the key, and a Get's flight
+// and a Remember's (which do not join: one loads, the other must not) are
+// never in flight at once for one key (rivalFlight): otherwise they could
+// read it under one snapshot on either side of a peer's write whose
+// invalidation is on its way, and the older one's fill could land after
+// the newer value was returned (TestMonotonic_*).
 func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []byte, l2TTL time.Duration) {
 	if s != c.snap(h) {
 		// Something voided this key while we read it, so L1 may now hold a

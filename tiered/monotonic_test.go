@@ -3,6 +3,7 @@ package tiered
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 )
@@ -92,6 +93,68 @@ func TestMonotonic_StaleRefreshThroughIndex(t *testing.T) {
 	}
 	if v, _, _ := c.Get(ctx, key); v != "new" {
 		t.Fatalf("R2 after R1 returned \"new\": Get = %q from the index; ristretto holds nothing, Redis holds \"new\"", v)
+	}
+}
+
+// A Get flight and a Remember flight of one key do not join (one loads, the
+// other must not). The Get flight reads Redis before a peer's write and is
+// held there; a Remember then misses L1. Had it read Redis meanwhile, it
+// would return the new value and the held Get's fill would then put the
+// old one back in L1. The flight group makes it wait for the Get's flight
+// instead (rivalFlight), so the next read still returns the new value.
+func TestMonotonic_GetFlightVsRememberFlight(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	const key = "gr"
+	dk, newer := peerWrite(t, c, key)
+	reached, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	c.setReadHook(func(k string) {
+		if k == key {
+			once.Do(func() { close(reached); <-resume })
+		}
+	})
+	getDone := make(chan string, 1)
+	go func() { v, _, _ := c.Get(ctx, key); getDone <- v }()
+	await(t, reached, "the Get flight's L2 read")
+	if err := c.rdb.Set(ctx, dk, newer, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	waits := c.flights.RivalWaits()
+	type result struct {
+		v   string
+		err error
+	}
+	remembered := make(chan result, 1)
+	go func() {
+		v, err := c.Remember(ctx, key, func(context.Context, string) (string, error) {
+			return "", errors.New("loader called: Redis holds the key")
+		})
+		remembered <- result{v, err}
+	}()
+	// The Remember either waits for the held Get flight (as it must) or,
+	// without that, finishes on its own; either way, then let the Get go.
+	var r result
+	eventually(t, 5*time.Second, "the Remember to wait for the Get flight or finish", func() bool {
+		select {
+		case r = <-remembered:
+			return true
+		default:
+			return c.flights.RivalWaits() > waits
+		}
+	})
+	close(resume)
+	if r == (result{}) {
+		r = <-remembered
+	}
+	if v := <-getDone; v != "old" {
+		t.Fatalf("the held Get returned %q, want the old value it read", v)
+	}
+	if r.err != nil || r.v != "new" {
+		t.Fatalf("R1: Remember = %q, %v; want \"new\"", r.v, r.err)
+	}
+	if v, _, _ := c.Get(ctx, key); v != "new" {
+		t.Fatalf("R2 after R1 returned \"new\": Get = %q (monotonic reads broken)", v)
 	}
 }
 

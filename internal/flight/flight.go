@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,7 +79,18 @@ type Group[T any] struct {
 	closed bool
 	wg     sync.WaitGroup
 	joined atomic.Uint64
+	// rival maps a key to the key whose runs must never overlap its own
+	// (see NewRivals); nil: none. live holds every call whose run has not
+	// finished, by key, detached ones (Forget, a run whose callers all
+	// left) included.
+	rival      func(key string) string
+	live       map[string][]*call[T]
+	rivalWaits atomic.Uint64
 }
+
+// RivalWaits is how many times a caller waited for a rival run to finish
+// before starting its own (see NewRivals).
+func (g *Group[T]) RivalWaits() uint64 { return g.rivalWaits.Load() }
 
 // Joined is how many callers joined a run already in flight instead of
 // starting their own.
@@ -86,7 +98,55 @@ func (g *Group[T]) Joined() uint64 { return g.joined.Load() }
 
 // New returns an empty Group.
 func New[T any]() *Group[T] {
-	return &Group[T]{calls: make(map[string]*call[T]), runs: make(map[*run]struct{})}
+	return &Group[T]{calls: make(map[string]*call[T]), runs: make(map[*run]struct{}), live: make(map[string][]*call[T])}
+}
+
+// NewRivals returns an empty Group in which a run for key never overlaps a
+// run for rival(key): a caller that would start one while the other's is
+// unfinished (even detached) waits for it to finish first, as long as its
+// ctx allows, and Go does not start one. Joining a run of the same key is
+// unaffected. rival must be symmetric (rival(rival(k)) == k) and fast; it
+// is called with the group's lock held.
+func NewRivals[T any](rival func(key string) string) *Group[T] {
+	g := New[T]()
+	g.rival = rival
+	return g
+}
+
+// rivalsOf returns the unfinished calls of key's rival; g.mu is held.
+func (g *Group[T]) rivalsOf(key string) []*call[T] {
+	if g.rival == nil {
+		return nil
+	}
+	return slices.Clone(g.live[g.rival(key)])
+}
+
+// track and untrack keep live; g.mu is held.
+func (g *Group[T]) track(c *call[T]) { g.live[c.key] = append(g.live[c.key], c) }
+
+func (g *Group[T]) untrack(c *call[T]) {
+	cs := g.live[c.key]
+	if i := slices.Index(cs, c); i >= 0 {
+		cs = slices.Delete(cs, i, i+1)
+	}
+	if len(cs) == 0 {
+		delete(g.live, c.key)
+	} else {
+		g.live[c.key] = cs
+	}
+}
+
+// awaitRivals waits until every call in cs has finished, or ctx is done.
+func (g *Group[T]) awaitRivals(ctx context.Context, cs []*call[T]) error {
+	g.rivalWaits.Add(1)
+	for _, c := range cs {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
 }
 
 // Do runs fn for key unless a run for key is already in flight, in which case
@@ -104,6 +164,15 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 		return v, ErrClosed, false
 	}
 	c, ok := g.calls[key]
+	if !ok {
+		if rs := g.rivalsOf(key); len(rs) > 0 {
+			g.mu.Unlock()
+			if err := g.awaitRivals(ctx, rs); err != nil {
+				return v, err, false
+			}
+			return g.Do(ctx, key, timeout, fn)
+		}
+	}
 	if ok {
 		c.waiters++
 		c.run.waiters++
@@ -111,6 +180,7 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 	} else {
 		c = &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 		g.calls[key] = c
+		g.track(c)
 		g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
 			v, err := fn(ctx)
 			c.val = v
@@ -152,12 +222,13 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 		g.mu.Unlock()
 		return v, ErrClosed, false
 	}
-	if _, inFlight := g.calls[key]; inFlight {
+	if _, inFlight := g.calls[key]; inFlight || len(g.rivalsOf(key)) > 0 {
 		g.mu.Unlock()
 		return g.Do(ctx, key, timeout, fn)
 	}
 	c := &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 	g.calls[key] = c
+	g.track(c)
 	runCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	r := &run{cancel: cancel, keys: []string{key}, waiters: 1}
 	c.run = r
@@ -180,6 +251,7 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 		if g.calls[key] == c {
 			delete(g.calls, key)
 		}
+		g.untrack(c)
 		shared = c.waiters > 1
 		close(c.done)
 		g.mu.Unlock()
@@ -191,8 +263,9 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 	return
 }
 
-// Go starts fn for key in the background unless a run for key is in
-// flight, and returns at once; it reports whether it started one. The run
+// Go starts fn for key in the background unless a run for key (or, in a
+// group with rivals, for its rival) is in flight, and returns at once; it
+// reports whether it started one. The run
 // is pinned: callers that join it with Do and leave do not cancel it; only
 // its timeout and Close do.
 func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn func(context.Context) (T, error)) bool {
@@ -201,11 +274,12 @@ func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn
 	if g.closed {
 		return false
 	}
-	if _, inFlight := g.calls[key]; inFlight {
+	if _, inFlight := g.calls[key]; inFlight || len(g.rivalsOf(key)) > 0 {
 		return false
 	}
 	c := &call[T]{key: key, done: make(chan struct{})}
 	g.calls[key] = c
+	g.track(c)
 	g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
 		v, err := fn(ctx)
 		c.val = v
@@ -240,6 +314,25 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 		}
 		return out
 	}
+	// Rivals first, before anything is joined or started: if a key this
+	// call would start has an unfinished rival, wait for them all and
+	// begin again.
+	var rivals []*call[T]
+	for _, k := range keys {
+		if _, ok := g.calls[k]; !ok {
+			rivals = append(rivals, g.rivalsOf(k)...)
+		}
+	}
+	if len(rivals) > 0 {
+		g.mu.Unlock()
+		if err := g.awaitRivals(ctx, rivals); err != nil {
+			for i := range out {
+				out[i].Err = err
+			}
+			return out
+		}
+		return g.DoMany(ctx, keys, timeout, fn)
+	}
 	var fresh []*call[T]
 	for _, k := range keys {
 		if _, dup := mine[k]; dup {
@@ -253,6 +346,7 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 		} else {
 			c = &call[T]{key: k, done: make(chan struct{}), waiters: 1}
 			g.calls[k] = c
+			g.track(c)
 			fresh = append(fresh, c)
 		}
 		mine[k] = c
@@ -374,6 +468,7 @@ func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Dur
 				if g.calls[c.key] == c {
 					delete(g.calls, c.key)
 				}
+				g.untrack(c)
 				c.err = err
 				close(c.done)
 			}

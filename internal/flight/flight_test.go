@@ -914,3 +914,92 @@ func TestGo(t *testing.T) {
 		t.Fatal("the pinned run was cancelled when its only joiner left")
 	}
 }
+
+func rivalOf(k string) string {
+	if k[0] == 'a' {
+		return "b" + k[1:]
+	}
+	return "a" + k[1:]
+}
+
+// TestRivalsNeverOverlap starts a run for "a1" and holds it, then asks for
+// "b1" every way the group offers: Do, DoInline and DoMany wait until the
+// run for "a1" has finished (even once detached by Forget) before starting
+// their own, Go declines, and a key with no rival in flight ("b2") is not
+// held up. A caller whose ctx ends while it waits gets ctx's error and
+// starts nothing.
+func TestRivalsNeverOverlap(t *testing.T) {
+	g := NewRivals[int](rivalOf)
+	defer g.Close()
+	ctx := context.Background()
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	letGo := func() { releaseOnce.Do(func() { close(release) }) }
+	defer letGo() // before Close, also when the test fails early
+	var aRunning atomic.Bool
+	started := make(chan struct{})
+	aDone := make(chan struct{})
+	go func() {
+		defer close(aDone)
+		g.Do(ctx, "a1", 0, func(context.Context) (int, error) {
+			aRunning.Store(true)
+			close(started)
+			<-release
+			aRunning.Store(false)
+			return 1, nil
+		})
+	}()
+	<-started
+	g.Forget(nil, "a1") // detached, but still running: still a rival
+
+	if g.Go(ctx, "b1", 0, func(context.Context) (int, error) { return 0, nil }) {
+		t.Fatal("Go started a run while its rival was in flight")
+	}
+	if v, err, _ := g.Do(ctx, "b2", 0, func(context.Context) (int, error) { return 2, nil }); err != nil || v != 2 {
+		t.Fatalf("Do(b2) = %d, %v: a key without a rival in flight was held up", v, err)
+	}
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if _, err, _ := g.Do(short, "b1", 0, func(context.Context) (int, error) {
+		t.Error("a run started while its rival was in flight")
+		return 0, nil
+	}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Do(b1) with a short ctx = %v, want its deadline", err)
+	}
+
+	overlapped := make(chan string, 3)
+	body := func(name string) func(context.Context) (int, error) {
+		return func(context.Context) (int, error) {
+			if aRunning.Load() {
+				overlapped <- name
+			}
+			return 3, nil
+		}
+	}
+	waits := g.RivalWaits()
+	var wg sync.WaitGroup
+	wg.Go(func() { g.Do(ctx, "b1", 0, body("Do")) })
+	wg.Go(func() { g.DoInline(ctx, "b1", time.Second, body("DoInline")) })
+	wg.Go(func() {
+		g.DoMany(ctx, []string{"b1", "b3"}, 0, func(ctx context.Context, keys []string) (map[string]int, error) {
+			if aRunning.Load() {
+				overlapped <- "DoMany"
+			}
+			return map[string]int{}, nil
+		})
+	})
+	deadline := time.Now().Add(5 * time.Second)
+	for g.RivalWaits() < waits+3 { // every caller is waiting for "a1"
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of 3 callers waited for the rival run", g.RivalWaits()-waits)
+		}
+		runtime.Gosched()
+	}
+	letGo()
+	<-aDone
+	wg.Wait()
+	close(overlapped)
+	for name := range overlapped {
+		t.Errorf("%s ran while its rival was in flight", name)
+	}
+}
