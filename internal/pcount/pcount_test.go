@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -33,40 +34,39 @@ func TestExact(t *testing.T) {
 	}
 }
 
-// TestMoreProcsThanCells raises GOMAXPROCS past the cells New sized for, so
-// that some increments run on Ps without a cell of their own and take the
-// shared atomic one; none may be lost.
+// TestMoreProcsThanCells runs increments on Ps without a cell of their own,
+// which take the shared atomic spill cell; none may be lost. The counter is
+// built with a cell for P 0 only, and GOMAXPROCS raised, so every increment
+// on any other P spills; rounds run until one has (the scheduler decides
+// where goroutines run), with a hard deadline.
 func TestMoreProcsThanCells(t *testing.T) {
-	c := New()
-	cells := len(c.cells) - 1
-	prev := runtime.GOMAXPROCS(cells * 4)
+	c := Counter{cells: make([]cell, 2)} // P 0's cell, then the spill cell
+	prev := runtime.GOMAXPROCS(max(4, runtime.NumCPU()*2))
 	defer runtime.GOMAXPROCS(prev)
 
-	const goroutines, each = 32, 20_000
-	var wg sync.WaitGroup
-	var spilled atomic.Bool
-	for range goroutines {
-		wg.Go(func() {
-			for i := range each {
-				c.Inc()
-				if i%500 == 0 {
-					runtime.Gosched()
+	const goroutines, each = 32, 5_000
+	var total uint64
+	deadline := time.Now().Add(5 * time.Second)
+	for atomic.LoadUint64(&c.cells[1].n) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no increment ran on a P other than 0 in 5 s: the spill cell was not exercised")
+		}
+		var wg sync.WaitGroup
+		for range goroutines {
+			wg.Go(func() {
+				for i := range each {
+					c.Inc()
+					if i%500 == 0 {
+						runtime.Gosched()
+					}
 				}
-			}
-			if atomic.LoadUint64(&c.cells[cells].n) > 0 {
-				spilled.Store(true)
-			}
-		})
-	}
-	wg.Wait()
-	if got := c.Load(); got != goroutines*each {
-		t.Fatalf("Load = %d, want %d", got, goroutines*each)
-	}
-	if !spilled.Load() {
-		// With 4x the Ps and 32 busy goroutines the high Ps run some of
-		// them; if the scheduler never used one, the spill path went
-		// untested, which this test exists to prevent.
-		t.Fatalf("no increment ran on a P beyond the %d cells: the spill cell was not exercised", cells)
+			})
+		}
+		wg.Wait()
+		total += goroutines * each
+		if got := c.Load(); got != total {
+			t.Fatalf("Load = %d, want %d", got, total)
+		}
 	}
 }
 
