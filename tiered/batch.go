@@ -23,6 +23,8 @@ const batchLimit = 1000
 // GetMany returns the values stored under keys; missing keys are absent from
 // the map. L1 hits are served first; the rest are read from Redis in one
 // pipelined round trip. On error the map holds what was found before it.
+// Like Get, it first waits for any Remember in this process that is
+// loading one of those keys (all of them, before it reads any).
 func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, err error) {
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err

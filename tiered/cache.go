@@ -167,10 +167,22 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 		opts:    opts,
 		stripes: make([]atomic.Uint32, stripeCount),
 		base:    opts.KeyPrefix + name + ":" + opts.Schema + ":",
-		flights: flight.NewRivals[readResult[V]](rivalFlight),
+		flights: flight.New[readResult[V]](),
 		start:   time.Now(),
 	}
 	c.genKey = c.base + "nsgen"
+	if opts.Mode == ModeTiered && opts.L1TTL > 0 {
+		// Two reads of one key must not race to fill L1 (see fill); without
+		// L1 there is nothing to fill, and nothing to wait for.
+		c.flights = flight.NewRivals[readResult[V]](rivalFlight)
+	}
+	// A run whose callers all gave up may still fill: like Forget's,
+	// detaching it bumps the key's stripe, so its fill is voided.
+	c.flights.OnDetach(func(fkeys []string) {
+		for _, fk := range fkeys {
+			c.stripes[hashKey(fk[1:])&stripeMask].Add(1)
+		}
+	})
 	if opts.Mode != ModeMemory {
 		if rdb == nil {
 			return nil, fmt.Errorf("tiered: %v mode needs a Redis client", opts.Mode)
@@ -497,10 +509,13 @@ func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint6
 // group never runs the two at once, so two reads of one key never race to
 // fill L1 under one fence snapshot (see fill).
 func rivalFlight(fk string) string {
-	if fk[0] == 'g' {
+	switch fk[0] {
+	case 'g':
 		return "r" + fk[1:]
+	case 'r':
+		return "g" + fk[1:]
 	}
-	return "g" + fk[1:]
+	return ""
 }
 
 // flightKey is a key's name in the flight group; the prefix leaves room for

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -155,6 +156,50 @@ func TestMonotonic_GetFlightVsRememberFlight(t *testing.T) {
 	}
 	if v, _, _ := c.Get(ctx, key); v != "new" {
 		t.Fatalf("R2 after R1 returned \"new\": Get = %q (monotonic reads broken)", v)
+	}
+}
+
+// A Get whose caller gives up (its ctx deadline is sooner than
+// CommandTimeout, so it does not run inline) leaves its flight running
+// without anyone waiting: the flight is detached, and the next Get of the
+// key starts another. If the abandoned one read the old value before a
+// peer's write and fills after the new flight returned the new value, the
+// fill must not count: detaching bumps the key's stripe (OnDetach).
+func TestMonotonic_AbandonedFlightFillsLate(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour, CommandTimeout: 5 * time.Second})
+	ctx := ctxT(t)
+	const key = "abandoned"
+	dk, newer := peerWrite(t, c, key)
+	reached, resume := make(chan struct{}), make(chan struct{})
+	var held atomic.Bool // only the first flight is held; sync.Once would hold the rest too
+	c.setReadHook(func(k string) {
+		if k == key && held.CompareAndSwap(false, true) {
+			close(reached)
+			<-resume
+		}
+	})
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	gaveUp := make(chan error, 1)
+	go func() { _, _, err := c.Get(short, key); gaveUp <- err }()
+	await(t, reached, "the first Get flight's L2 read")
+	if err := <-gaveUp; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the abandoned Get returned %v, want its deadline", err)
+	}
+	if err := c.rdb.Set(ctx, dk, newer, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, key, "new", "R1, a new flight")
+	// The abandoned flight now fills "old": it either stores it (an L1
+	// set) or finds its snapshot stale and voids the key (a stripe bump).
+	stripe := &c.stripes[hashKey(key)&stripeMask]
+	bumps, sets := stripe.Load(), c.st.l1Sets.Load()
+	close(resume)
+	eventually(t, 5*time.Second, "the abandoned flight's fill", func() bool {
+		return stripe.Load() != bumps || c.st.l1Sets.Load() != sets
+	})
+	for range 3 {
+		mustGet(t, c, key, "new", "R2, after the abandoned flight's fill")
 	}
 }
 

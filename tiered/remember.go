@@ -26,7 +26,9 @@ var ErrNotFound = errors.New("tiered: not found")
 // runs on a context detached from the callers (their values kept, their
 // cancellation not) and bounded by Options.LoadTimeout; it is cancelled
 // when every caller waiting for it has given up. It must not call back into
-// the same key's Remember, and must not call runtime.Goexit (t.FailNow).
+// the same key's Remember, Get or GetMany (a Get waits for the load, which
+// waits for the Get, until LoadTimeout), and must not call runtime.Goexit
+// (t.FailNow).
 // A panic is recovered and returned to every waiter as an error.
 type Loader[V any] func(ctx context.Context, key string) (V, error)
 
@@ -117,6 +119,8 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64,
 		}
 		return r, err
 	}
+	// Go declines while the key has a Get flight in flight (rivalFlight):
+	// the refresh is then skipped, and the next stale hit tries again.
 	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
 }
 

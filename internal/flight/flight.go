@@ -22,7 +22,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,12 +79,12 @@ type Group[T any] struct {
 	wg     sync.WaitGroup
 	joined atomic.Uint64
 	// rival maps a key to the key whose runs must never overlap its own
-	// (see NewRivals); nil: none. live holds every call whose run has not
-	// finished, by key, detached ones (Forget, a run whose callers all
-	// left) included.
+	// (see NewRivals); nil: none.
 	rival      func(key string) string
-	live       map[string][]*call[T]
 	rivalWaits atomic.Uint64
+	// detached, if set, runs under g.mu with the keys of a run that leave
+	// detaches because all its callers gave up (see OnDetach).
+	detached func(keys []string)
 }
 
 // RivalWaits is how many times a caller waited for a rival run to finish
@@ -98,42 +97,41 @@ func (g *Group[T]) Joined() uint64 { return g.joined.Load() }
 
 // New returns an empty Group.
 func New[T any]() *Group[T] {
-	return &Group[T]{calls: make(map[string]*call[T]), runs: make(map[*run]struct{}), live: make(map[string][]*call[T])}
+	return &Group[T]{calls: make(map[string]*call[T]), runs: make(map[*run]struct{})}
 }
 
-// NewRivals returns an empty Group in which a run for key never overlaps a
-// run for rival(key): a caller that would start one while the other's is
-// unfinished (even detached) waits for it to finish first, as long as its
-// ctx allows, and Go does not start one. Joining a run of the same key is
-// unaffected. rival must be symmetric (rival(rival(k)) == k) and fast; it
-// is called with the group's lock held.
+// NewRivals returns an empty Group in which a run for key is never in
+// flight at the same time as a run for rival(key): a caller that would
+// start one while the other is in flight waits for it to finish first, as
+// long as its ctx allows, and Go does not start one. Joining a run of the
+// same key is unaffected. rival must be symmetric (rival(rival(k)) == k),
+// return "" for a key without a rival, and be fast: it is called with the
+// group's lock held. A run detached from its key (by Forget, or by leave
+// when all its callers gave up; see OnDetach) is no longer in flight: it
+// is the caller's to make its late result harmless, as Forget's also does.
+// A DoMany call must not hold a key and its rival together.
 func NewRivals[T any](rival func(key string) string) *Group[T] {
 	g := New[T]()
 	g.rival = rival
 	return g
 }
 
-// rivalsOf returns the unfinished calls of key's rival; g.mu is held.
-func (g *Group[T]) rivalsOf(key string) []*call[T] {
+// OnDetach sets f to run, under the group's lock, with the keys of a run
+// that is detached because every caller waiting for it gave up (the run is
+// cancelled, but may still be finishing, and a later caller starts a new
+// one). A cache bumps its invalidation counters there, as with Forget's
+// also. Call it before the group is used.
+func (g *Group[T]) OnDetach(f func(keys []string)) { g.detached = f }
+
+// rivalInFlight returns key's rival's call in flight, or nil; g.mu is held.
+func (g *Group[T]) rivalInFlight(key string) *call[T] {
 	if g.rival == nil {
 		return nil
 	}
-	return slices.Clone(g.live[g.rival(key)])
-}
-
-// track and untrack keep live; g.mu is held.
-func (g *Group[T]) track(c *call[T]) { g.live[c.key] = append(g.live[c.key], c) }
-
-func (g *Group[T]) untrack(c *call[T]) {
-	cs := g.live[c.key]
-	if i := slices.Index(cs, c); i >= 0 {
-		cs = slices.Delete(cs, i, i+1)
+	if r := g.rival(key); r != "" {
+		return g.calls[r]
 	}
-	if len(cs) == 0 {
-		delete(g.live, c.key)
-	} else {
-		g.live[c.key] = cs
-	}
+	return nil
 }
 
 // awaitRivals waits until every call in cs has finished, or ctx is done.
@@ -146,7 +144,7 @@ func (g *Group[T]) awaitRivals(ctx context.Context, cs []*call[T]) error {
 			return ctx.Err()
 		}
 	}
-	return nil
+	return ctx.Err()
 }
 
 // Do runs fn for key unless a run for key is already in flight, in which case
@@ -165,9 +163,9 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 	}
 	c, ok := g.calls[key]
 	if !ok {
-		if rs := g.rivalsOf(key); len(rs) > 0 {
+		if r := g.rivalInFlight(key); r != nil {
 			g.mu.Unlock()
-			if err := g.awaitRivals(ctx, rs); err != nil {
+			if err := g.awaitRivals(ctx, []*call[T]{r}); err != nil {
 				return v, err, false
 			}
 			return g.Do(ctx, key, timeout, fn)
@@ -180,7 +178,6 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 	} else {
 		c = &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 		g.calls[key] = c
-		g.track(c)
 		g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
 			v, err := fn(ctx)
 			c.val = v
@@ -222,13 +219,12 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 		g.mu.Unlock()
 		return v, ErrClosed, false
 	}
-	if _, inFlight := g.calls[key]; inFlight || len(g.rivalsOf(key)) > 0 {
+	if _, inFlight := g.calls[key]; inFlight || g.rivalInFlight(key) != nil {
 		g.mu.Unlock()
 		return g.Do(ctx, key, timeout, fn)
 	}
 	c := &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 	g.calls[key] = c
-	g.track(c)
 	runCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	r := &run{cancel: cancel, keys: []string{key}, waiters: 1}
 	c.run = r
@@ -251,7 +247,6 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 		if g.calls[key] == c {
 			delete(g.calls, key)
 		}
-		g.untrack(c)
 		shared = c.waiters > 1
 		close(c.done)
 		g.mu.Unlock()
@@ -274,12 +269,11 @@ func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn
 	if g.closed {
 		return false
 	}
-	if _, inFlight := g.calls[key]; inFlight || len(g.rivalsOf(key)) > 0 {
+	if _, inFlight := g.calls[key]; inFlight || g.rivalInFlight(key) != nil {
 		return false
 	}
 	c := &call[T]{key: key, done: make(chan struct{})}
 	g.calls[key] = c
-	g.track(c)
 	g.start(ctx, []*call[T]{c}, timeout, func(ctx context.Context) error {
 		v, err := fn(ctx)
 		c.val = v
@@ -320,7 +314,9 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 	var rivals []*call[T]
 	for _, k := range keys {
 		if _, ok := g.calls[k]; !ok {
-			rivals = append(rivals, g.rivalsOf(k)...)
+			if r := g.rivalInFlight(k); r != nil {
+				rivals = append(rivals, r)
+			}
 		}
 	}
 	if len(rivals) > 0 {
@@ -346,7 +342,6 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 		} else {
 			c = &call[T]{key: k, done: make(chan struct{}), waiters: 1}
 			g.calls[k] = c
-			g.track(c)
 			fresh = append(fresh, c)
 		}
 		mine[k] = c
@@ -421,10 +416,15 @@ func (g *Group[T]) leave(calls []*call[T]) (finished map[*call[T]]bool) {
 		c.run.waiters--
 		if c.run.waiters == 0 && !c.run.pinned {
 			c.run.cancel()
+			var detached []string
 			for _, k := range c.run.keys {
 				if other := g.calls[k]; other != nil && other.run == c.run {
 					delete(g.calls, k)
+					detached = append(detached, k)
 				}
+			}
+			if g.detached != nil && len(detached) > 0 {
+				g.detached(detached)
 			}
 		}
 	}
@@ -468,7 +468,6 @@ func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Dur
 				if g.calls[c.key] == c {
 					delete(g.calls, c.key)
 				}
-				g.untrack(c)
 				c.err = err
 				close(c.done)
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -916,90 +917,158 @@ func TestGo(t *testing.T) {
 }
 
 func rivalOf(k string) string {
-	if k[0] == 'a' {
+	switch k[0] {
+	case 'a':
 		return "b" + k[1:]
+	case 'b':
+		return "a" + k[1:]
 	}
-	return "a" + k[1:]
+	return ""
 }
 
-// TestRivalsNeverOverlap starts a run for "a1" and holds it, then asks for
-// "b1" every way the group offers: Do, DoInline and DoMany wait until the
-// run for "a1" has finished (even once detached by Forget) before starting
-// their own, Go declines, and a key with no rival in flight ("b2") is not
-// held up. A caller whose ctx ends while it waits gets ctx's error and
-// starts nothing.
-func TestRivalsNeverOverlap(t *testing.T) {
-	g := NewRivals[int](rivalOf)
-	defer g.Close()
-	ctx := context.Background()
-	release := make(chan struct{})
-	var releaseOnce sync.Once
-	letGo := func() { releaseOnce.Do(func() { close(release) }) }
-	defer letGo() // before Close, also when the test fails early
-	var aRunning atomic.Bool
-	started := make(chan struct{})
-	aDone := make(chan struct{})
-	go func() {
-		defer close(aDone)
-		g.Do(ctx, "a1", 0, func(context.Context) (int, error) {
-			aRunning.Store(true)
-			close(started)
-			<-release
-			aRunning.Store(false)
-			return 1, nil
-		})
-	}()
-	<-started
-	g.Forget(nil, "a1") // detached, but still running: still a rival
-
-	if g.Go(ctx, "b1", 0, func(context.Context) (int, error) { return 0, nil }) {
-		t.Fatal("Go started a run while its rival was in flight")
-	}
-	if v, err, _ := g.Do(ctx, "b2", 0, func(context.Context) (int, error) { return 2, nil }); err != nil || v != 2 {
-		t.Fatalf("Do(b2) = %d, %v: a key without a rival in flight was held up", v, err)
-	}
-	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if _, err, _ := g.Do(short, "b1", 0, func(context.Context) (int, error) {
-		t.Error("a run started while its rival was in flight")
-		return 0, nil
-	}); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Do(b1) with a short ctx = %v, want its deadline", err)
-	}
-
-	overlapped := make(chan string, 3)
-	body := func(name string) func(context.Context) (int, error) {
-		return func(context.Context) (int, error) {
-			if aRunning.Load() {
-				overlapped <- name
-			}
-			return 3, nil
-		}
-	}
-	waits := g.RivalWaits()
-	var wg sync.WaitGroup
-	wg.Go(func() { g.Do(ctx, "b1", 0, body("Do")) })
-	wg.Go(func() { g.DoInline(ctx, "b1", time.Second, body("DoInline")) })
-	wg.Go(func() {
-		g.DoMany(ctx, []string{"b1", "b3"}, 0, func(ctx context.Context, keys []string) (map[string]int, error) {
-			if aRunning.Load() {
-				overlapped <- "DoMany"
-			}
-			return map[string]int{}, nil
-		})
+// holdRival starts a run for "a1" the way start says and keeps it running
+// until the returned release is called; running reports whether it is.
+func holdRival(t *testing.T, g *Group[int], start func(fn func(context.Context) (int, error))) (running *atomic.Bool, release func()) {
+	t.Helper()
+	running = new(atomic.Bool)
+	begun, gate := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	go start(func(context.Context) (int, error) {
+		running.Store(true)
+		close(begun)
+		<-gate
+		running.Store(false)
+		return 1, nil
 	})
-	deadline := time.Now().Add(5 * time.Second)
-	for g.RivalWaits() < waits+3 { // every caller is waiting for "a1"
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of 3 callers waited for the rival run", g.RivalWaits()-waits)
+	<-begun
+	return running, func() { once.Do(func() { close(gate) }) }
+}
+
+// TestRivalsNeverOverlap holds a run for "a1", started each way the group
+// offers, and asks for "b1" each way: Do, DoInline and DoMany wait until
+// the "a1" run has finished before starting their own, Go declines, a key
+// with no rival in flight ("b2") is not held up, and a caller whose ctx
+// ends while it waits gets ctx's error and starts nothing.
+func TestRivalsNeverOverlap(t *testing.T) {
+	ctx := context.Background()
+	starts := map[string]func(g *Group[int]) func(fn func(context.Context) (int, error)){
+		"Do": func(g *Group[int]) func(fn func(context.Context) (int, error)) {
+			return func(fn func(context.Context) (int, error)) { g.Do(ctx, "a1", 0, fn) }
+		},
+		"DoInline": func(g *Group[int]) func(fn func(context.Context) (int, error)) {
+			return func(fn func(context.Context) (int, error)) { g.DoInline(ctx, "a1", time.Minute, fn) }
+		},
+		"Go": func(g *Group[int]) func(fn func(context.Context) (int, error)) {
+			return func(fn func(context.Context) (int, error)) { g.Go(ctx, "a1", 0, fn) }
+		},
+		"DoMany": func(g *Group[int]) func(fn func(context.Context) (int, error)) {
+			return func(fn func(context.Context) (int, error)) {
+				g.DoMany(ctx, []string{"a1", "a9"}, 0, func(ctx context.Context, _ []string) (map[string]int, error) {
+					_, err := fn(ctx)
+					return nil, err
+				})
+			}
+		},
+	}
+	for name, start := range starts {
+		t.Run("rival started by "+name, func(t *testing.T) {
+			g := NewRivals[int](rivalOf)
+			defer g.Close()
+			running, release := holdRival(t, g, start(g))
+			defer release() // before Close, also when the test fails early
+
+			if g.Go(ctx, "b1", 0, func(context.Context) (int, error) { return 0, nil }) {
+				t.Fatal("Go started a run while its rival was in flight")
+			}
+			if v, err, _ := g.Do(ctx, "b2", 0, func(context.Context) (int, error) { return 2, nil }); err != nil || v != 2 {
+				t.Fatalf("Do(b2) = %d, %v: a key without a rival in flight was held up", v, err)
+			}
+			short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+			defer cancel()
+			if _, err, _ := g.Do(short, "b1", 0, func(context.Context) (int, error) {
+				t.Error("a run started while its rival was in flight")
+				return 0, nil
+			}); !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("Do(b1) with a short ctx = %v, want its deadline", err)
+			}
+
+			overlapped := make(chan string, 3)
+			body := func(name string) func(context.Context) (int, error) {
+				return func(context.Context) (int, error) {
+					if running.Load() {
+						overlapped <- name
+					}
+					return 3, nil
+				}
+			}
+			waits := g.RivalWaits()
+			var wg sync.WaitGroup
+			wg.Go(func() { g.Do(ctx, "b1", 0, body("Do")) })
+			wg.Go(func() { g.DoInline(ctx, "b1", time.Second, body("DoInline")) })
+			wg.Go(func() {
+				g.DoMany(ctx, []string{"b1", "b3"}, 0, func(ctx context.Context, keys []string) (map[string]int, error) {
+					if running.Load() {
+						overlapped <- "DoMany"
+					}
+					return map[string]int{}, nil
+				})
+			})
+			deadline := time.Now().Add(5 * time.Second)
+			for g.RivalWaits() < waits+3 { // every caller is waiting for "a1"
+				if time.Now().After(deadline) {
+					t.Fatalf("%d of 3 callers waited for the rival run", g.RivalWaits()-waits)
+				}
+				runtime.Gosched()
+			}
+			release()
+			wg.Wait()
+			close(overlapped)
+			for name := range overlapped {
+				t.Errorf("%s ran while its rival was in flight", name)
+			}
+		})
+	}
+}
+
+// TestRivalsDetached: a run detached from its key no longer holds its
+// rival back, whether by Forget or because every caller left; the latter
+// is reported to OnDetach with the run's keys.
+func TestRivalsDetached(t *testing.T) {
+	ctx := context.Background()
+	t.Run("Forget", func(t *testing.T) {
+		g := NewRivals[int](rivalOf)
+		defer g.Close()
+		_, release := holdRival(t, g, func(fn func(context.Context) (int, error)) { g.Do(ctx, "a1", 0, fn) })
+		defer release()
+		g.Forget(nil, "a1")
+		if v, err, _ := g.Do(ctx, "b1", 0, func(context.Context) (int, error) { return 7, nil }); err != nil || v != 7 {
+			t.Fatalf("Do(b1) after its rival was forgotten = %d, %v", v, err)
 		}
-		runtime.Gosched()
-	}
-	letGo()
-	<-aDone
-	wg.Wait()
-	close(overlapped)
-	for name := range overlapped {
-		t.Errorf("%s ran while its rival was in flight", name)
-	}
+	})
+	t.Run("every caller left", func(t *testing.T) {
+		g := NewRivals[int](rivalOf)
+		defer g.Close()
+		var detached []string
+		g.OnDetach(func(keys []string) { detached = append(detached, keys...) })
+		leaving, leave := context.WithCancel(ctx)
+		_, release := holdRival(t, g, func(fn func(context.Context) (int, error)) { g.Do(leaving, "a1", 0, fn) })
+		defer release()
+		leave()
+		deadline := time.Now().Add(5 * time.Second)
+		for g.Waiters("a1") != 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("the caller did not leave")
+			}
+			runtime.Gosched()
+		}
+		g.mu.Lock()
+		got := slices.Clone(detached)
+		g.mu.Unlock()
+		if !slices.Equal(got, []string{"a1"}) {
+			t.Fatalf("OnDetach got %q, want [a1]", got)
+		}
+		if v, err, _ := g.Do(ctx, "b1", 0, func(context.Context) (int, error) { return 8, nil }); err != nil || v != 8 {
+			t.Fatalf("Do(b1) after its rival was detached = %d, %v", v, err)
+		}
+	})
 }
