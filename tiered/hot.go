@@ -42,7 +42,7 @@ import (
 //     returned without being stored after an L1 hit (a stale Remember hit
 //     that waited for its refresh) voids the key through the fence instead
 //     (storeLoaded). The index adds no gap of its own to monotonic reads;
-//     the one the read paths have is described at fill. A miss of another
+//     how the read paths keep them is described at fill. A miss of another
 //     key in the slot costs the slot's
 //     entry its place until its next promotion: a stream of reads of
 //     absent keys, which are never cached, keeps knocking entries out of
