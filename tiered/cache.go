@@ -274,9 +274,10 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // unreachable or too slow for ctx or Options.CommandTimeout); corrupt bytes in
 // Redis count as a miss and are deleted.
 //
-// An L1 hit takes no lock (most are served by the hot index in front of
-// ristretto; the rest take a ristretto shard's read lock), allocates nothing
-// and does not look at ctx. On
+// An L1 hit takes no lock of the cache's own (most are served by the hot
+// index in front of ristretto and take none at all; the rest take a
+// ristretto shard's read lock), allocates nothing and does not look at
+// ctx. On
 // an L1 miss, concurrent Gets of one key share one Redis round trip; a ctx
 // that is already done fails the call at once, and a ctx deadline is always
 // honoured. The caller that performs the shared read does so on its own
@@ -573,7 +574,7 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 	ttl := c.jitter(c.opts.L1TTL)
 	switch {
 	case l2TTL == -2: // the key vanished between GET and PTTL
-		c.invalidateLocal(key) // returned, not kept: see store
+		c.invalidateLocal(key) // returned, not kept: see storeLoaded
 		return
 	case l2TTL >= 0 && l2TTL < ttl:
 		ttl = l2TTL

@@ -12,23 +12,30 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// TestExact increments from many goroutines at once, several per P, and
-// expects every increment counted: a lost update would show as a shortfall.
-func TestExact(t *testing.T) {
-	c := New()
-	const goroutines, each = 16, 50_000
+// incFrom increments c each times from each of goroutines goroutines at
+// once, yielding now and then so that they move between Ps mid-run, and
+// returns when all are done.
+func incFrom(c Counter, goroutines, each int) {
 	var wg sync.WaitGroup
 	for range goroutines {
 		wg.Go(func() {
 			for i := range each {
 				c.Inc()
-				if i%1000 == 0 {
-					runtime.Gosched() // move between Ps mid-run
+				if i%500 == 0 {
+					runtime.Gosched()
 				}
 			}
 		})
 	}
 	wg.Wait()
+}
+
+// TestExact increments from many goroutines at once, several per P, and
+// expects every increment counted: a lost update would show as a shortfall.
+func TestExact(t *testing.T) {
+	c := New()
+	const goroutines, each = 16, 50_000
+	incFrom(c, goroutines, each)
 	if got := c.Load(); got != goroutines*each {
 		t.Fatalf("Load = %d, want %d", got, goroutines*each)
 	}
@@ -51,18 +58,7 @@ func TestMoreProcsThanCells(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("no increment ran on a P other than 0 in 5 s: the spill cell was not exercised")
 		}
-		var wg sync.WaitGroup
-		for range goroutines {
-			wg.Go(func() {
-				for i := range each {
-					c.Inc()
-					if i%500 == 0 {
-						runtime.Gosched()
-					}
-				}
-			})
-		}
-		wg.Wait()
+		incFrom(c, goroutines, each)
 		total += goroutines * each
 		if got := c.Load(); got != total {
 			t.Fatalf("Load = %d, want %d", got, total)
