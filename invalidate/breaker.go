@@ -118,7 +118,7 @@ func (b *Bus) probe(ctx context.Context) bool {
 	err := b.rdb.Ping(pctx).Err()
 	cancel()
 	if err == nil {
-		err = b.replay(ctx)
+		err = b.replay(ctx, "")
 	}
 	if err != nil {
 		b.openedAt.Store(time.Now().UnixNano())

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -126,6 +128,7 @@ type replayRecorder struct {
 	*recorder
 	mu      sync.Mutex
 	fail    bool
+	decline bool       // answer ErrNotReplayed, as a closing cache does
 	replays [][]string // keys of each successful replay; nil entry: a flush
 	calls   chan struct{}
 }
@@ -139,6 +142,9 @@ func (r *replayRecorder) Replay(_ context.Context, keys []string, flush bool) er
 		default:
 		}
 	}()
+	if r.decline {
+		return ErrNotReplayed
+	}
 	if r.fail {
 		return syscall.ECONNREFUSED
 	}
@@ -148,6 +154,12 @@ func (r *replayRecorder) Replay(_ context.Context, keys []string, flush bool) er
 		r.replays = append(r.replays, slices.Clone(keys))
 	}
 	return nil
+}
+
+func (r *replayRecorder) declined(v bool) {
+	r.mu.Lock()
+	r.decline = v
+	r.mu.Unlock()
 }
 
 func (r *replayRecorder) setFail(v bool) {
@@ -254,5 +266,77 @@ func TestOutboxReplayedBeforeLive(t *testing.T) {
 	waitLive(t, b)
 	if b.OutboxDepth() != 0 {
 		t.Fatalf("live with %d entries still in the outbox", b.OutboxDepth())
+	}
+}
+
+// TestOutboxDropAndClose: what nothing can replay any more is dropped,
+// counted and reported, never removed as if replayed. ReplayNow replays on
+// the caller's goroutine and says when entries are left; a handler that
+// declines (ErrNotReplayed) keeps them without failing the replay.
+func TestOutboxDropAndClose(t *testing.T) {
+	s := redistest.Shared(t)
+	logs := &lockedBuffer{}
+	b, err := New(s.Client(t), Options{Prefix: s.Prefix(), BreakerThreshold: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	waitLive(t, b)
+	r := &replayRecorder{recorder: newRecorder(t, b), fail: true, calls: make(chan struct{}, 64)}
+	unregister, err := b.Register("ns", r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+
+	b.Defer("ns", "a", "b")
+	if err := b.ReplayNow(ctx, "ns"); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("ReplayNow with a failing handler: %v; want its error", err)
+	}
+	r.setFail(false)
+	r.declined(true)
+	if err := b.ReplayNow(ctx, "ns"); !errors.Is(err, ErrNotReplayed) {
+		t.Fatalf("ReplayNow with a declining handler: %v; want ErrNotReplayed", err)
+	}
+	if d := b.OutboxDepth(); d != 2 {
+		t.Fatalf("a declined replay removed entries: depth %d, want 2", d)
+	}
+	// Unregistering drops them, in the same step, and says how many.
+	if n := unregister(); n != 2 {
+		t.Fatalf("unregister dropped %d, want 2", n)
+	}
+	if st := b.Stats(); st.OutboxDropped != 2 || st.OutboxDepth != 0 || st.Replayed != 0 {
+		t.Fatalf("after unregister: %+v; want 2 dropped, depth 0, none replayed", st)
+	}
+	if n := unregister(); n != 0 {
+		t.Fatalf("second unregister dropped %d, want 0", n)
+	}
+
+	// A namespace with no handler: the outbox goroutine drops and counts.
+	b.Defer("gone", "x", "y", "z")
+	pollUntil(t, busWait, "the handler-less entries dropped", func() bool { return b.OutboxDepth() == 0 })
+	if st := b.Stats(); st.OutboxDropped != 5 || st.Replayed != 0 {
+		t.Fatalf("after the handler-less drop: dropped %d replayed %d; want 5 and 0", st.OutboxDropped, st.Replayed)
+	}
+
+	// What is left when the Bus closes: a flush counts once.
+	r2 := &replayRecorder{recorder: newRecorder(t, b), fail: true, calls: make(chan struct{}, 64)}
+	if _, err := b.Register("ns2", r2); err != nil {
+		t.Fatal(err)
+	}
+	b.Defer("ns2", "p", "q")
+	b.DeferFlush("ns2")
+	recv(t, r2.calls, "a failing replay of the flush")
+	if err := b.Close(); !errors.Is(err, ErrOutboxDropped) || !strings.Contains(err.Error(), "1 invalidations") {
+		t.Fatalf("Close with a flush pending: %v; want ErrOutboxDropped for 1", err)
+	}
+	if st := b.Stats(); st.OutboxDropped != 6 || st.OutboxDepth != 0 {
+		t.Fatalf("after Close: dropped %d depth %d; want 6 and 0", st.OutboxDropped, st.OutboxDepth)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if got := strings.Count(logs.String(), "dropped"); got != 3 {
+		t.Fatalf("%d drop warnings logged, want one per drop (3):\n%s", got, logs.String())
 	}
 }

@@ -213,6 +213,7 @@ type Bus struct {
 	depth     atomic.Int64          // obKeys + obFlushes
 	deferred  atomic.Uint64
 	replayed  atomic.Uint64
+	dropped   atomic.Uint64
 	overflows atomic.Uint64
 	lastHeard atomic.Int64 // unix ns
 	seq       atomic.Uint64
@@ -363,7 +364,13 @@ func (b *Bus) WaitLive(ctx context.Context) error {
 
 // Register routes the messages of namespace ns to h and returns a function
 // that removes it. One handler per namespace per Bus.
-func (b *Bus) Register(ns string, h Handler) (unregister func(), err error) {
+//
+// Unregistering also drops what the outbox still holds for ns, since only
+// its handler can replay it: the entries are counted in
+// Stats().OutboxDropped, logged, and their number returned (a namespace
+// flush counts as one). A cache replays them first (ReplayNow) as it
+// closes.
+func (b *Bus) Register(ns string, h Handler) (unregister func() (dropped int), err error) {
 	if ns == "" || len(ns) > namespaceLimit || !utf8.ValidString(ns) {
 		return nil, fmt.Errorf("invalidate: namespace %q must be 1..%d bytes of UTF-8", ns, namespaceLimit)
 	}
@@ -381,14 +388,27 @@ func (b *Bus) Register(ns string, h Handler) (unregister func(), err error) {
 	}
 	b.handlers[ns] = reg
 	var once sync.Once
-	return func() {
+	return func() (dropped int) {
 		once.Do(func() {
 			b.mu.Lock()
 			defer b.mu.Unlock()
-			if b.handlers[ns] == reg { // compare registrations: handlers need not be comparable
-				delete(b.handlers, ns)
+			if b.handlers[ns] != reg { // compare registrations: handlers need not be comparable
+				return
 			}
+			delete(b.handlers, ns)
+			// Only the handler could name these keys in Redis: with it
+			// gone, they are dropped here, in the same step, so that the
+			// caller learns of them (no replay can see ns without its
+			// handler and drop them unreported in between).
+			b.obMu.Lock()
+			dropped = b.dropLocked(ns)
+			b.obMu.Unlock()
 		})
+		if dropped > 0 {
+			b.logf(slog.LevelWarn, "tiercache: outbox entries dropped unreplayed: other instances may serve what the failed writes replaced until it expires",
+				"namespace", ns, "invalidations", dropped)
+		}
+		return dropped
 	}, nil
 }
 
@@ -462,6 +482,7 @@ type Stats struct {
 	OutboxDepth   int    // keys and namespace flushes waiting to be replayed
 	Deferred      uint64 // invalidations put in the outbox
 	Replayed      uint64 // invalidations replayed from it
+	OutboxDropped uint64 // invalidations dropped unreplayed: their cache or the Bus closed first
 	Overflows     uint64 // times a namespace degraded to a flush because the outbox was full
 	Resets        uint64 // epoch changes: each voided every namespace's L1 here
 }
@@ -472,7 +493,7 @@ func (b *Bus) Stats() Stats {
 		Live: b.Live(), LastHeard: b.LastHeard(), Reconnects: b.reconnects.Load(),
 		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(),
 		CircuitOpen: b.open.Load(), CircuitOpens: b.opens.Load(), CircuitCloses: b.closes.Load(),
-		OutboxDepth: b.OutboxDepth(), Deferred: b.deferred.Load(), Replayed: b.replayed.Load(), Overflows: b.overflows.Load(),
+		OutboxDepth: b.OutboxDepth(), Deferred: b.deferred.Load(), Replayed: b.replayed.Load(), OutboxDropped: b.dropped.Load(), Overflows: b.overflows.Load(),
 		Resets: b.resets.Load(),
 	}
 }
@@ -484,7 +505,8 @@ func (b *Bus) telemetry() metrics.BusSnapshot {
 		Live: st.Live, Reconnects: st.Reconnects, Resets: st.Resets, Received: st.Received,
 		Applied: st.Applied, Own: st.Own, Ignored: st.Ignored, Malformed: st.Malformed, Rejected: st.Rejected,
 		CircuitOpen: st.CircuitOpen, CircuitOpens: st.CircuitOpens, OutboxDepth: st.OutboxDepth,
-		Deferred: st.Deferred, Replayed: st.Replayed, Overflows: st.Overflows, HeartbeatTimeout: b.opts.HeartbeatTimeout,
+		Deferred: st.Deferred, Replayed: st.Replayed, Overflows: st.Overflows, Dropped: st.OutboxDropped,
+		HeartbeatTimeout: b.opts.HeartbeatTimeout,
 	}
 	if !st.LastHeard.IsZero() {
 		s.SinceHeard = time.Since(st.LastHeard)
@@ -497,7 +519,13 @@ func (b *Bus) telemetry() metrics.BusSnapshot {
 // close the Redis client. It returns at once, except while the Bus is
 // resubscribing to a Redis that does not answer: go-redis cannot abandon a
 // connection handshake, so Close then waits up to HeartbeatTimeout.
+//
+// Close the caches first: each replays its outbox entries as it closes.
+// Whatever the outbox still holds when the Bus closes is dropped, counted
+// and logged, and Close returns an error wrapping ErrOutboxDropped (only the
+// first call does).
 func (b *Bus) Close() error {
+	var err error
 	b.closeOnce.Do(func() {
 		b.mu.Lock()
 		b.closed = true
@@ -513,9 +541,21 @@ func (b *Bus) Close() error {
 		b.psMu.Unlock()
 		<-b.done
 		<-b.obDone
+		b.replayMu.Lock()
+		b.obMu.Lock()
+		n := 0
+		for ns := range b.outbox {
+			n += b.dropLocked(ns)
+		}
+		b.obMu.Unlock()
+		b.replayMu.Unlock()
+		if n > 0 {
+			b.logf(slog.LevelWarn, "tiercache: Bus closed with outbox entries unreplayed; they are dropped", "invalidations", n)
+			err = fmt.Errorf("invalidate: close: %d invalidations dropped: %w", n, ErrOutboxDropped)
+		}
 		b.tel.Close()
 	})
-	return nil
+	return err
 }
 
 // setLive records whether s's subscription is confirmed and moves the
@@ -697,7 +737,7 @@ func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, e
 			}
 			// Invalidations this process could not send go out before
 			// its own L1 is trusted again.
-			if err := b.replay(ctx); err != nil {
+			if err := b.replay(ctx, ""); err != nil {
 				return wasLive, fmt.Errorf("replay outbox: %w", err)
 			}
 			// A confirmation can only arrive after a dead period (the epoch

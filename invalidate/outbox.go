@@ -2,6 +2,7 @@ package invalidate
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sort"
 	"time"
@@ -12,14 +13,28 @@ import (
 // DefaultOutboxLimit is the default for Options.OutboxLimit.
 const DefaultOutboxLimit = 10000
 
+// ErrOutboxDropped is returned (wrapped) by Close, and by a cache's Close or
+// Shutdown, when invalidations kept in the outbox could not be replayed
+// before it closed and were dropped: other instances may serve the values
+// the failed writes meant to replace until those values expire. Test for it
+// with errors.Is.
+var ErrOutboxDropped = errors.New("invalidate: outbox entries dropped unreplayed")
+
 // Replayer is implemented by handlers that can redo, on recovery, the
 // invalidations the Bus kept in its outbox. A cache's Replay deletes the keys
 // from Redis and publishes their invalidation (or, with flush, clears the
 // whole namespace), in one atomic step per batch, without going through the
-// circuit breaker. It is called from the Bus's outbox goroutine.
+// circuit breaker. It is called from the Bus's outbox goroutine, and from
+// ReplayNow's caller. A Replay that did nothing because its cache is closing
+// returns ErrNotReplayed: the entries stay for that cache's Drop.
 type Replayer interface {
 	Replay(ctx context.Context, keys []string, flush bool) error
 }
+
+// ErrNotReplayed is what a Replayer returns when it replayed nothing and is
+// not failing either (its cache is closing): the outbox keeps the entries,
+// and the replay does not count as failed.
+var ErrNotReplayed = errors.New("invalidate: not replayed")
 
 // pendingNS is what the outbox holds for one namespace: keys to delete and
 // invalidate, each with the sequence number of its latest Defer, or a whole
@@ -133,12 +148,15 @@ func (b *Bus) kick() {
 	}
 }
 
-// replay hands every pending namespace to its handler and removes what was
-// replayed, unless a newer Defer for it arrived meanwhile. Namespaces with no
-// handler (their cache was closed) are dropped: there is nothing of theirs
-// left in this process to protect, and their keys cannot be named without it.
-// One replay runs at a time.
-func (b *Bus) replay(ctx context.Context) error {
+// replay hands every pending namespace (only ns, if ns is not "") to its
+// handler and removes what was replayed, unless a newer Defer for it arrived
+// meanwhile. Entries of a namespace with no handler (a cache closed, or
+// never opened, on this Bus) cannot be replayed, since only the cache can
+// name its keys in Redis: they are dropped, counted and logged. A closing
+// cache replays its own as it closes (ReplayNow) and its unregistering
+// drops what is left, so this is for a namespace that never had a handler
+// here. One replay runs at a time.
+func (b *Bus) replay(ctx context.Context, ns string) error {
 	b.replayMu.Lock()
 	defer b.replayMu.Unlock()
 	type job struct {
@@ -149,8 +167,11 @@ func (b *Bus) replay(ctx context.Context) error {
 	}
 	b.obMu.Lock()
 	jobs := make([]job, 0, len(b.outbox))
-	for ns, p := range b.outbox {
-		j := job{ns: ns, flush: p.flush}
+	for name, p := range b.outbox {
+		if ns != "" && name != ns {
+			continue
+		}
+		j := job{ns: name, flush: p.flush}
 		if p.flush == 0 {
 			j.keys = make([]string, 0, len(p.keys))
 			for k := range p.keys {
@@ -175,7 +196,8 @@ func (b *Bus) replay(ctx context.Context) error {
 		b.mu.RLock()
 		r := b.handlers[j.ns]
 		b.mu.RUnlock()
-		if r == nil {
+		dropped := r == nil
+		if dropped {
 			// Said once, when it happens: the namespace's writes that did
 			// not reach Redis will not be invalidated by this process.
 			b.logf(slog.LevelWarn, "tiercache: outbox entries dropped: their namespace has no cache on this Bus any more",
@@ -186,6 +208,9 @@ func (b *Bus) replay(ctx context.Context) error {
 				rctx, cancel := context.WithTimeout(ctx, max(b.opts.HeartbeatTimeout, 5*time.Second))
 				err := rp.Replay(rctx, j.keys, j.flush != 0)
 				cancel()
+				if errors.Is(err, ErrNotReplayed) {
+					continue
+				}
 				if err != nil {
 					if firstErr == nil {
 						firstErr = err
@@ -195,17 +220,20 @@ func (b *Bus) replay(ctx context.Context) error {
 			}
 		}
 		b.obMu.Lock()
+		removed := 0 // what this job settled: newer Defers of its keys stay
 		if p := b.outbox[j.ns]; p != nil {
 			if j.flush != 0 {
 				if p.flush == j.flush {
 					p.flush = 0
 					b.obFlushes--
+					removed = 1
 				}
 			} else {
 				for i, k := range j.keys {
 					if p.keys[k] == j.seqs[i] {
 						delete(p.keys, k)
 						b.obKeys--
+						removed++
 					}
 				}
 			}
@@ -215,9 +243,56 @@ func (b *Bus) replay(ctx context.Context) error {
 		}
 		b.depth.Store(int64(b.obKeys + b.obFlushes))
 		b.obMu.Unlock()
-		b.replayed.Add(uint64(max(len(j.keys), 1)))
+		if dropped {
+			b.dropped.Add(uint64(removed))
+		} else {
+			b.replayed.Add(uint64(removed))
+		}
 	}
 	return firstErr
+}
+
+// ReplayNow replays what the outbox holds for namespace ns at once, on the
+// caller's goroutine, through ns's handler: bounded by ctx, past the
+// circuit breaker and the backoff, after any replay already running. It
+// returns nil when the outbox holds nothing of ns afterwards, and otherwise
+// the replay's error (ErrNotReplayed if the handler declined). A cache calls
+// it as it closes (Shutdown), while it can still name its keys.
+func (b *Bus) ReplayNow(ctx context.Context, ns string) error {
+	if b.depth.Load() == 0 {
+		return nil
+	}
+	err := b.replay(ctx, ns)
+	if Unavailable(err) {
+		b.Report(err)
+	}
+	b.obMu.Lock()
+	_, left := b.outbox[ns]
+	b.obMu.Unlock()
+	if err == nil && left {
+		err = ErrNotReplayed
+	}
+	return err
+}
+
+// dropLocked removes ns's entries, which nothing in this process can
+// replay any more, and counts them (a flush counts as one); obMu must be
+// held.
+func (b *Bus) dropLocked(ns string) int {
+	p := b.outbox[ns]
+	if p == nil {
+		return 0
+	}
+	n := len(p.keys)
+	b.obKeys -= n
+	if p.flush != 0 {
+		n = 1 // the flush covers the keys
+		b.obFlushes--
+	}
+	delete(b.outbox, ns)
+	b.depth.Store(int64(b.obKeys + b.obFlushes))
+	b.dropped.Add(uint64(n))
+	return n
 }
 
 // outboxLoop owns the outbox replays and the circuit breaker's probes. It
@@ -257,7 +332,7 @@ func (b *Bus) outboxLoop() {
 				next = b.opts.BreakerCooldown
 			}
 		case b.depth.Load() > 0:
-			if err := b.replay(ctx); err != nil {
+			if err := b.replay(ctx, ""); err != nil {
 				if Unavailable(err) {
 					b.Report(err)
 				}

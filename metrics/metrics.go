@@ -333,7 +333,7 @@ type BusSnapshot struct {
 	CircuitOpen                                bool
 	CircuitOpens                               uint64
 	OutboxDepth                                int
-	Deferred, Replayed, Overflows              uint64
+	Deferred, Replayed, Overflows, Dropped     uint64
 	HeartbeatTimeout                           time.Duration
 }
 
@@ -398,6 +398,9 @@ func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
 	overflows, err := m.Int64ObservableCounter("tiercache.outbox.overflows", metric.WithUnit("{overflow}"),
 		metric.WithDescription("Times a namespace's pending invalidations became one flush because the outbox was full."))
 	add(err)
+	dropped, err := m.Int64ObservableCounter("tiercache.outbox.dropped", metric.WithUnit("{invalidation}"),
+		metric.WithDescription("Invalidations dropped unreplayed because their cache closed while Redis was unreachable: other instances may serve what their writes replaced until it expires."))
+	add(err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
@@ -423,8 +426,9 @@ func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
 		o.ObserveInt64(deferred, i64(s.Deferred))
 		o.ObserveInt64(replayed, i64(s.Replayed))
 		o.ObserveInt64(overflows, i64(s.Overflows))
+		o.ObserveInt64(dropped, i64(s.Dropped))
 		return nil
-	}, received, live, silence, hbt, reconnects, resets, circuit, opens, depth, deferred, replayed, overflows)
+	}, received, live, silence, hbt, reconnects, resets, circuit, opens, depth, deferred, replayed, overflows, dropped)
 	if err != nil {
 		return nil, err
 	}

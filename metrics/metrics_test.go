@@ -324,6 +324,21 @@ func TestInstrumentsMove(t *testing.T) {
 		o, _ := value(rm, "tiercache.circuit.open")
 		return d == 0 && r >= 3 && o == 0
 	}, "the outbox to be replayed and the circuit to close")
+	if got, ok := value(tel.collect(t), "tiercache.outbox.dropped"); !ok || got != 0 {
+		t.Errorf("outbox.dropped = %v (reported %v) after a full replay, want 0", got, ok)
+	}
+	// Closed with Redis down and a write unreplayed: the drop is counted.
+	s.Stop(t)
+	if err := a.c.Delete(ctx, "o4"); err == nil {
+		t.Fatal("Delete with Redis stopped returned nil")
+	}
+	if err := a.c.Close(); !errors.Is(err, invalidate.ErrOutboxDropped) {
+		t.Errorf("Close with an unreplayable outbox entry: %v; want ErrOutboxDropped (bus: %+v)", err, a.bus.Stats())
+	}
+	if got, _ := value(tel.collect(t), "tiercache.outbox.dropped"); got != 1 {
+		t.Errorf("outbox.dropped = %v after closing with one entry unreplayed, want 1", got)
+	}
+	s.Restart(t)
 
 	// Spans: the expected names, db.system.name on Redis round trips, and
 	// no key or value anywhere.

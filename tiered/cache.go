@@ -97,7 +97,7 @@ type Cache[V any] struct {
 	tags    []string // the Bus's shard tags; nil with classic pub/sub
 
 	flights    *flight.Group[readResult[V]]
-	unregister func()
+	unregister func() (dropped int)
 
 	// forced is set by SetMode(ModeMemory): run on L1 alone.
 	forced atomic.Bool
@@ -805,26 +805,62 @@ func (c *Cache[V]) jitter(d time.Duration) time.Duration {
 // does not close the Redis client or the Bus. It is idempotent and safe to
 // call concurrently.
 //
+// Invalidations of this cache's failed writes that the Bus still keeps in
+// its outbox are replayed first, as Shutdown does, within twice
+// CommandTimeout (1 s by default). What cannot be replayed is dropped, and
+// Close returns an error wrapping invalidate.ErrOutboxDropped: other
+// instances may then serve what those writes meant to replace until it
+// expires. Only the first call returns it.
+//
 // An L1 hit takes no lock, so Close cannot wait for Gets that are already
 // past their first check; finish serving requests (http.Server.Shutdown)
 // before closing the cache, as ristretto's Close is not safe against a
 // concurrent Get.
 func (c *Cache[V]) Close() error {
+	d := 2 * c.opts.CommandTimeout
+	if d <= 0 {
+		d = 2 * DefaultCommandTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return c.Shutdown(ctx)
+}
+
+// Shutdown is Close with the last replay of the outbox bounded by ctx
+// instead: a process that is stopping while Redis is unreachable can give
+// Redis as long as it can spare to come back. It replays this cache's
+// pending invalidations (past the circuit breaker), then closes; the error
+// wraps invalidate.ErrOutboxDropped if some could not be replayed.
+func (c *Cache[V]) Shutdown(ctx context.Context) error {
+	var err error
 	c.closeOnce.Do(func() {
+		var replayErr error
+		if c.bus != nil {
+			replayErr = c.bus.ReplayNow(ctx, c.name)
+		}
 		c.closing.Store(true)
 		c.flights.Close()
 		// The write lock waits for the slow-path calls already inside;
 		// teardown runs under it so no handler call can start meanwhile.
 		c.mu.Lock()
-		c.teardown()
+		dropped := c.teardown()
 		c.mu.Unlock()
+		if dropped > 0 {
+			err = fmt.Errorf("tiered: close %q: %d invalidations of failed writes dropped unreplayed: %w",
+				c.name, dropped, invalidate.ErrOutboxDropped)
+			if replayErr != nil {
+				err = fmt.Errorf("%w (last replay: %w)", err, replayErr)
+			}
+		}
 	})
-	return nil
+	return err
 }
 
-func (c *Cache[V]) teardown() {
+// teardown releases what the cache holds. It returns how many of its
+// invalidations the Bus's outbox still held, dropped as it unregistered.
+func (c *Cache[V]) teardown() (dropped int) {
 	if c.unregister != nil {
-		c.unregister()
+		dropped = c.unregister()
 	}
 	c.tel.Close()
 	c.flights.Close()
@@ -833,6 +869,7 @@ func (c *Cache[V]) teardown() {
 		c.hot.clear()
 		c.clk.stopClock()
 	}
+	return dropped
 }
 
 // handler receives this cache's messages from the Bus.

@@ -144,7 +144,7 @@ func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error
 	c := h.c
 	leave, err := c.enter()
 	if err != nil {
-		return nil // closed: nothing of this cache left to protect
+		return invalidate.ErrNotReplayed // closing: its Shutdown drops what is left
 	}
 	defer leave()
 	if flush {

@@ -64,11 +64,14 @@
 //
 // # Lifecycle
 //
-// New registers the cache with the Bus; Close unregisters it, cancels and
-// waits for its in-flight reads and releases L1. Neither the Redis client
-// nor the Bus is closed by the cache: close the caches, then the Bus, then
-// the client. Finish serving requests before Close (an L1 hit cannot be
-// waited for without a lock on the hot path).
+// New registers the cache with the Bus; Close replays the invalidations of
+// this cache's failed writes still in the Bus's outbox (bounded by twice
+// CommandTimeout; Shutdown takes a ctx instead), unregisters it, cancels and
+// waits for its in-flight reads and releases L1. What could not be replayed
+// is dropped and reported as invalidate.ErrOutboxDropped. Neither the Redis
+// client nor the Bus is closed by the cache: close the caches, then the
+// Bus, then the client. Finish serving requests before Close (an L1 hit
+// cannot be waited for without a lock on the hot path).
 //
 // # Storage
 //

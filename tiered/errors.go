@@ -17,7 +17,7 @@ var (
 	// ErrInvalidTTL is returned for a negative TTL.
 	ErrInvalidTTL = errors.New("tiered: invalid ttl")
 	// ErrNoRedis is returned by operations that need Redis on a cache in
-	// ModeMemory (Ping) .
+	// ModeMemory (Ping).
 	ErrNoRedis = errors.New("tiered: no Redis in this mode")
 )
 

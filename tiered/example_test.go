@@ -2,6 +2,7 @@ package tiered_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"time"
@@ -124,4 +125,28 @@ func ExampleCache_Remember() {
 	// Grace <nil>
 	// Grace <nil> loads: 1
 	// tiered: not found
+}
+
+// A graceful stop: stop serving, then give the caches a bounded time to
+// replay the invalidations of writes that failed while Redis was out of
+// reach, then close the Bus. ErrOutboxDropped means some could not be sent:
+// other instances may serve the values those writes replaced until they
+// expire.
+func ExampleCache_Shutdown() {
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr(), ContextTimeoutEnabled: true})
+	defer rdb.Close()
+	bus, err := invalidate.New(rdb, invalidate.Options{})
+	if err != nil {
+		panic(err)
+	}
+	sessions, err := tiered.New[string]("example-sessions", rdb, bus, tiered.Options{})
+	if err != nil {
+		panic(err)
+	}
+	// ... serve requests; then, on SIGTERM, after http.Server.Shutdown:
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = errors.Join(sessions.Shutdown(ctx), bus.Close())
+	fmt.Println("dropped:", errors.Is(err, invalidate.ErrOutboxDropped), "err:", err)
+	// Output: dropped: false err: <nil>
 }

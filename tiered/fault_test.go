@@ -552,3 +552,117 @@ func TestDegradedEntryUsesRealClock(t *testing.T) {
 		t.Fatalf("%d loads: the degraded entry outlived DegradedL1TTL by the real clock", n)
 	}
 }
+
+// splitInstance is an instance whose cache reaches Redis through a fault
+// proxy while its Bus does not: a cut fails the cache's writes but leaves
+// the stream live, so nothing but the cache itself replays its outbox.
+func splitInstance(t *testing.T, s *redistest.Server, ns string, opts Options, bo invalidate.Options) (*instance[string], *faultproxy.Proxy) {
+	t.Helper()
+	p, err := faultproxy.Start(s.Addr())
+	if err != nil {
+		t.Fatalf("faultproxy: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	o := s.Options()
+	o.Addr = p.Addr()
+	o.DialTimeout = 200 * time.Millisecond
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = s.Prefix()
+	}
+	bus := newBus(t, standalone{s}, s.Client(t), bo)
+	c, err := New[string](ns, rdb, bus, opts)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &instance[string]{rdb: rdb, bus: bus, c: c}, p
+}
+
+// A process that stops while its failed writes' invalidations wait in the
+// outbox replays them as its cache shuts down: another instance stops
+// serving what they replaced. Its circuit is open with an hour's cooldown
+// and its stream never broke, so nothing else would replay them.
+func TestShutdown_ReplaysOutbox(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	bo := faultBus
+	bo.BreakerThreshold, bo.BreakerCooldown = 1, time.Hour
+	a, p := splitInstance(t, s, ns, opts, bo)
+	b := direct[string](t, s, ns, opts, faultBus)
+	ctx := ctxT(t)
+	if err := b.c.Set(ctx, "k", "old", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "k", "old", "B")
+	mustGet(t, b.c, "k", "old", "B from L1")
+	p.Refuse(true)
+	p.Cut()
+	if err := a.c.Set(ctx, "k", "new", 0); err == nil {
+		t.Fatal("Set through a cut proxy returned nil")
+	}
+	if !a.bus.Pending(ns, "k") || !a.bus.CircuitOpen() {
+		t.Fatalf("after the failed Set: pending %v, circuit open %v; want both", a.bus.Pending(ns, "k"), a.bus.CircuitOpen())
+	}
+	p.Refuse(false)
+	mustGet(t, b.c, "k", "old", "B before A shuts down")
+	bApplied := applied(b.c)
+	if err := a.c.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown with Redis reachable again: %v", err)
+	}
+	await(t, bApplied, "B applying the invalidation A replayed as it shut down")
+	if v, ok, err := b.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("B after A's shutdown: %q, %v, %v; want a miss (A's replay left a tombstone)", v, ok, err)
+	}
+	if st := a.bus.Stats(); st.OutboxDepth != 0 || st.Replayed != 1 || st.OutboxDropped != 0 {
+		t.Fatalf("A's Bus after the shutdown: depth %d replayed %d dropped %d; want 0, 1, 0", st.OutboxDepth, st.Replayed, st.OutboxDropped)
+	}
+	if _, _, err := a.c.Get(ctx, "k"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Get after Shutdown: %v; want ErrClosed", err)
+	}
+}
+
+// When Redis is still unreachable, Close gives up after twice
+// CommandTimeout: it drops the entries, says so in the log and in the Bus's
+// counters, and returns ErrOutboxDropped, once.
+func TestClose_ReportsDroppedOutbox(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	bo := faultBus
+	bo.BreakerThreshold, bo.BreakerCooldown = 1, time.Hour
+	logs := &lockedBuffer{}
+	bo.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	a, p := splitInstance(t, s, ns, opts, bo)
+	ctx := ctxT(t)
+	p.Refuse(true)
+	p.Cut()
+	if err := a.c.Delete(ctx, "k1"); err == nil {
+		t.Fatal("Delete through a cut proxy returned nil")
+	}
+	if err := a.c.Set(ctx, "k2", "v", 0); err == nil {
+		t.Fatal("Set through a cut proxy returned nil")
+	}
+	start := time.Now()
+	err := a.c.Close()
+	if !errors.Is(err, invalidate.ErrOutboxDropped) {
+		t.Fatalf("Close with 2 invalidations unreplayable: %v; want ErrOutboxDropped", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("Close took %v; its replay is bounded by 2 x CommandTimeout", d)
+	}
+	if !strings.Contains(err.Error(), "2 invalidations") {
+		t.Fatalf("Close's error does not say how many were dropped: %v", err)
+	}
+	if st := a.bus.Stats(); st.OutboxDropped != 2 || st.OutboxDepth != 0 || st.Replayed != 0 {
+		t.Fatalf("A's Bus after Close: dropped %d depth %d replayed %d; want 2, 0, 0", st.OutboxDropped, st.OutboxDepth, st.Replayed)
+	}
+	if !strings.Contains(logs.String(), "outbox entries dropped unreplayed") {
+		t.Fatalf("the drop was not logged:\n%s", logs.String())
+	}
+	if err := a.c.Close(); err != nil {
+		t.Fatalf("second Close: %v; want nil", err)
+	}
+}
