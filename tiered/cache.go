@@ -345,6 +345,23 @@ func (c *Cache[V]) l1Hit(h uint64, key string) (*entry[V], bool) {
 	return e, true
 }
 
+// peekL1 is l1Hit without counting or promoting, for a read that already
+// counted its miss.
+func (c *Cache[V]) peekL1(key string) (*entry[V], bool) {
+	if c.l1 == nil {
+		return nil, false
+	}
+	h := xxhash.Sum64String(key)
+	if e := c.hot.lookup(h); e != nil && c.valid(e, h, key) {
+		return e, true
+	}
+	if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
+		return e, true
+	}
+	c.hot.missed(h) // as in l1Hit: what this read returns may be newer
+	return nil, false
+}
+
 func (c *Cache[V]) busEpoch() uint64 {
 	if c.bus == nil {
 		return 0
@@ -383,6 +400,12 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	r, err, _ := c.flights.DoInline(ctx, flightKey(key), c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {
 		if c.flightStart != nil {
 			c.flightStart(key)
+		}
+		// A Get that had to wait for a Remember of its key (the two never
+		// read at once) finds what that load stored: take it rather than
+		// read Redis again. It stays counted as the L1 miss it first was.
+		if e, ok := c.peekL1(key); ok {
+			return readResult[V]{val: e.val, found: !e.negative}, nil
 		}
 		return c.readOne(ctx, key, snap)
 	})

@@ -289,3 +289,49 @@ func TestMonotonic_RefreshesLandInL1(t *testing.T) {
 		check(t, self, "v2")
 	})
 }
+
+// A Get that waits for a Remember of its key (rival flights never run at
+// once) takes what the load stored in L1 instead of reading Redis again.
+func TestGetAfterRivalLoadReadsL1(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	const key = "rival-l1"
+	// Installed first (setting a seam waits for calls in progress), and
+	// counting only once the loader runs: the Remember's own read before
+	// it does not count.
+	var counting atomic.Bool
+	var l2Reads atomic.Int64
+	c.setReadHook(func(k string) {
+		if k == key && counting.Load() {
+			l2Reads.Add(1)
+		}
+	})
+	started, release := make(chan struct{}), make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	remembered := make(chan error, 1)
+	go func() {
+		_, err := c.Remember(ctx, key, func(context.Context, string) (string, error) {
+			close(started)
+			<-release
+			return "loaded", nil
+		})
+		remembered <- err
+	}()
+	await(t, started, "the loader")
+	counting.Store(true)
+	waits := c.flights.RivalWaits()
+	got := make(chan string, 1)
+	go func() { v, _, _ := c.Get(ctx, key); got <- v }()
+	eventually(t, 5*time.Second, "the Get to wait for the Remember", func() bool { return c.flights.RivalWaits() > waits })
+	releaseOnce.Do(func() { close(release) })
+	if err := <-remembered; err != nil {
+		t.Fatalf("Remember: %v", err)
+	}
+	if v := <-got; v != "loaded" {
+		t.Fatalf("Get after the load = %q, want \"loaded\"", v)
+	}
+	if n := l2Reads.Load(); n != 0 {
+		t.Fatalf("the Get read the key from Redis %d times after the load had filled L1", n)
+	}
+}
