@@ -7,8 +7,9 @@ import (
 
 // The hot index is a lock-free, direct-mapped table of pointers to entries
 // that ristretto holds, indexed by the key's hash. An L1 hit looks there
-// first: the slot's pointer and miss count and the entry's promotion count
-// (three loads, no writes), then the same fence as any hit. ristretto's own Get
+// first: the slot's key tag, pointer and miss count and the entry's gone flag
+// and promotion count (loads only, no writes), then the same fence as any
+// hit. ristretto's own Get
 // takes a read lock on a shard (an atomic add on a shared line, twice) and
 // pushes the access into a sync.Pool-backed ring; the index does neither, so
 // a hit served from it is several times cheaper than ristretto's Get, and
@@ -71,6 +72,13 @@ type hotIndex[V any] struct {
 type hotSlot[V any] struct {
 	e      atomic.Pointer[entry[V]]
 	misses atomic.Uint64
+	// tag is the hash of the key last promoted here. A lookup compares it
+	// before it follows e, so a slot that holds another key (with more
+	// keys than slots, most lookups) costs the slot's cache line only, not
+	// the entry's and its key's too. It is only a filter: e and tag are
+	// stored apart, a mismatch sends the read to ristretto, and a match is
+	// still checked in full.
+	tag atomic.Uint64
 }
 
 // sampled picks about one in eight of a P's hits, from its hit count n:
@@ -80,9 +88,9 @@ type hotSlot[V any] struct {
 // could.
 func sampled(n uint64) bool { return (n*0x9E3779B97F4A7C15)>>61 == 0 }
 
-// Index sizes: one slot (16 bytes) per hotBytesPerSlot of L1MaxCost, within
+// Index sizes: one slot (24 bytes) per hotBytesPerSlot of L1MaxCost, within
 // [hotMinSlots, hotMaxSlots]. The default 64 MiB L1 gets 8,192 slots
-// (128 KiB).
+// (192 KiB).
 const (
 	hotBytesPerSlot = 8 << 10
 	hotMinSlots     = 1 << 10
@@ -103,11 +111,12 @@ func (x hotIndex[V]) slot(h uint64) *hotSlot[V] {
 // L1 miss has happened in the slot since its promotion, or nil. The caller
 // still checks the key and the fence.
 func (x hotIndex[V]) lookup(h uint64) *entry[V] {
-	s := x.slot(h)
-	if e := s.e.Load(); e != nil && !e.gone.Load() && e.pseq.Load() == s.misses.Load() {
-		return e
+	s := &x.slots[h&x.mask]
+	e := s.e.Load()
+	if s.tag.Load() != h || e == nil || e.gone.Load() || e.pseq.Load() != s.misses.Load() {
+		return nil
 	}
-	return nil
+	return e
 }
 
 // seq is h's slot's miss count, read before a ristretto lookup whose entry
@@ -127,6 +136,7 @@ func (x hotIndex[V]) promote(h uint64, e *entry[V], pseq uint64) {
 		return
 	}
 	e.pseq.Store(pseq)
+	s.tag.Store(h)
 	s.e.Store(e)
 	if x.between != nil {
 		x.between("promote")

@@ -60,8 +60,11 @@ func TestHotIndex_ExitAndPromoteInEitherOrder(t *testing.T) {
 	first, second := hotEntry("a", h), hotEntry("b", h+x.mask+1) // same slot
 	x.promote(h, first, x.seq(h))
 	x.promote(second.hash, second, x.seq(h))
-	if x.lookup(h) != second {
+	if x.lookup(second.hash) != second {
 		t.Fatal("the second promotion did not take the slot")
+	}
+	if x.lookup(h) != nil {
+		t.Fatal("a lookup of the displaced key's hash passed the slot's tag")
 	}
 	x.exit(first)
 	if x.slot(h).e.Load() != second {

@@ -115,7 +115,7 @@ type Options struct {
 
 	// L1MaxCost bounds L1 in bytes (approximate: encoded size plus key plus a
 	// fixed overhead per entry). Zero means DefaultL1MaxCost. The hot index
-	// that serves most L1 hits adds 16 bytes per 8 KiB of it (between 1,024
+	// that serves most L1 hits adds 24 bytes per 8 KiB of it (between 1,024
 	// and 65,536 slots), outside this bound.
 	L1MaxCost int64
 
