@@ -807,13 +807,19 @@ func (c *Cache[V]) enter() (leave func(), err error) {
 	return c.mu.RUnlock, nil
 }
 
-// opCtx bounds one Redis round trip by Options.CommandTimeout.
+// opCtx bounds one Redis round trip by Options.CommandTimeout. A ctx whose
+// own deadline comes first already bounds it, and is used as it is: a timer
+// per call is most of what the bound costs.
 func (c *Cache[V]) opCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	if c.opts.CommandTimeout > 0 {
-		return context.WithTimeout(ctx, c.opts.CommandTimeout)
+		if d, ok := ctx.Deadline(); !ok || time.Until(d) > c.opts.CommandTimeout {
+			return context.WithTimeout(ctx, c.opts.CommandTimeout)
+		}
 	}
-	return ctx, func() {}
+	return ctx, noCancel
 }
+
+func noCancel() {}
 
 // jitter shortens d by a random fraction up to Options.TTLJitter.
 func (c *Cache[V]) jitter(d time.Duration) time.Duration {

@@ -461,3 +461,32 @@ func TestParseMode(t *testing.T) {
 		t.Error("ParseMode(disk) succeeded")
 	}
 }
+
+// TestOpCtx: a round trip is bounded by CommandTimeout, unless the caller's
+// deadline comes first, in which case the caller's ctx is used as it is.
+func TestOpCtx(t *testing.T) {
+	c := newCache[string](t, Options{CommandTimeout: time.Second})
+	bg := context.Background()
+	ctx, cancel := c.opCtx(bg)
+	defer cancel()
+	if d, ok := ctx.Deadline(); !ok || time.Until(d) > time.Second || time.Until(d) < 900*time.Millisecond {
+		t.Fatalf("no deadline of its own: got %v, %v; want about 1 s from now", d, ok)
+	}
+	late, cancelLate := context.WithTimeout(bg, time.Minute)
+	defer cancelLate()
+	ctx, cancel = c.opCtx(late)
+	defer cancel()
+	if d, _ := ctx.Deadline(); time.Until(d) > time.Second {
+		t.Fatalf("a later caller deadline: the bound is %v away; want at most 1 s", time.Until(d))
+	}
+	soon, cancelSoon := context.WithTimeout(bg, 100*time.Millisecond)
+	defer cancelSoon()
+	if ctx, cancel := c.opCtx(soon); ctx != soon {
+		cancel()
+		t.Fatal("a caller deadline sooner than CommandTimeout: opCtx made a new context; want the caller's")
+	}
+	off := newCache[string](t, Options{CommandTimeout: -1})
+	if ctx, _ := off.opCtx(bg); ctx != bg {
+		t.Fatal("CommandTimeout < 0: opCtx bounded the call anyway")
+	}
+}
