@@ -34,7 +34,7 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, 
 		return nil, err
 	}
 	defer leave()
-	out, missing, err := c.l1Many(keys)
+	out, missing, err := c.l1Many(keys, nil)
 	if err != nil {
 		return out, err
 	}
@@ -73,8 +73,9 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, 
 
 // l1Many answers what it can of keys from L1 and returns the keys left for
 // Redis (each once). A negative entry answers "absent": the key is neither
-// in out nor in missing.
-func (c *Cache[V]) l1Many(keys []string) (out map[string]V, missing []string, err error) {
+// in out nor in missing. onHit, if not nil, sees every entry that answered a
+// key with a value.
+func (c *Cache[V]) l1Many(keys []string, onHit func(key string, e *entry[V])) (out map[string]V, missing []string, err error) {
 	out = make(map[string]V, len(keys))
 	seen := make(map[string]bool, len(keys))
 	for _, k := range keys {
@@ -91,6 +92,9 @@ func (c *Cache[V]) l1Many(keys []string) (out map[string]V, missing []string, er
 						return out, nil, err
 					}
 					out[k] = v
+					if onHit != nil {
+						onHit(k, e)
+					}
 				}
 				continue
 			}

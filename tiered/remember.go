@@ -526,6 +526,10 @@ type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, 
 // loading are joined, not loaded again, and single Remember calls join the
 // keys this call loads. Absent keys are left out of the result. On error
 // the map holds what was found before it.
+//
+// With Options.FreshFor, values past their fresh period are returned at once
+// and refreshed in the background as with Remember (EagerRefresh too), one
+// key per call of load; SoftTimeout applies to Remember only.
 func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (_ map[string]V, err error) {
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err
@@ -538,7 +542,21 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		return nil, err
 	}
 	defer leave()
-	out, missing, err := c.l1Many(keys)
+	var refresh []staleKey
+	var hit func(string, *entry[V])
+	if c.opts.FreshFor > 0 {
+		hit = func(k string, e *entry[V]) {
+			switch now := c.now.Load(); {
+			case e.fresh == 0:
+			case now >= e.fresh:
+				refresh = append(refresh, staleKey{key: k, wid: e.wid, stale: true})
+			case e.eager != 0 && now >= e.eager:
+				refresh = append(refresh, staleKey{key: k, wid: e.wid})
+			}
+		}
+	}
+	out, missing, err := c.l1Many(keys, hit)
+	defer func() { c.refreshMany(ctx, refresh, load) }()
 	if err != nil {
 		return out, err
 	}
@@ -564,7 +582,46 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		return c.readThroughMany(ctx, keys, snaps, load)
 	})
 	err = c.collect(out, missing, results)
+	for i, r := range results {
+		if r.Err == nil && r.Val.found && r.Val.stale {
+			refresh = append(refresh, staleKey{key: missing[i], wid: r.Val.wid, stale: true})
+		}
+	}
 	return out, err
+}
+
+// staleKey is a key RememberMany answered with a value due for a refresh:
+// stale (past FreshFor), or only past EagerRefresh.
+type staleKey struct {
+	key   string
+	wid   uint64 // the write ID the refresh replaces
+	stale bool
+}
+
+// refreshMany refreshes in the background what RememberMany served stale
+// (or past EagerRefresh), key by key as Remember does, each through load
+// called for that one key.
+func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchLoader[V]) {
+	if len(keys) == 0 {
+		return
+	}
+	one := func(ctx context.Context, key string) (V, error) {
+		vals, err := load(ctx, []string{key})
+		v, ok := vals[key]
+		switch {
+		case err != nil:
+			return v, err
+		case !ok:
+			return v, ErrNotFound
+		}
+		return v, nil
+	}
+	for _, k := range keys {
+		if k.stale {
+			c.st.staleServed.Add(1)
+		}
+		c.refreshAsync(ctx, k.key, k.wid, one)
+	}
 }
 
 // readThroughMany is readThrough for a batch: one pipeline to Redis, one
@@ -624,7 +681,8 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 				case found:
 					c.st.l2Hits.Add(1)
 					c.fill(k, h, snaps[k], val, payload, raw, ttls[i].Val())
-					out[rememberKey(k)] = readResult[V]{val: val, found: true}
+					fresh, wid := freshness(raw, c.opts.PlainJSON)
+					out[rememberKey(k)] = readResult[V]{val: val, found: true, stale: fresh != 0 && time.Now().UnixNano() >= fresh, wid: wid}
 				case raw[3]&byte(wire.FlagNegative) != 0:
 					c.st.l2Hits.Add(1)
 					c.fillNegative(k, h, snaps[k], ttls[i].Val())

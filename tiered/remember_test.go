@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -470,6 +471,79 @@ func TestRememberMany_LoadsOnlyWhatIsMissing(t *testing.T) {
 	}
 	if n := src.loads.Load(); n != 3 {
 		t.Fatalf("source reads = %d, want 3 (b, c, d)", n)
+	}
+}
+
+// TestRememberMany_StaleWhileRevalidate: past FreshFor, RememberMany answers
+// at once with the stale values, from Redis and from L1, and refreshes them
+// in the background, a key per loader call; an instance that reads after
+// the refresh gets the new values. EagerRefresh refreshes a value that is
+// still fresh, without serving it stale.
+func TestRememberMany_StaleWhileRevalidate(t *testing.T) {
+	f := newFleet[string](t, shared, 2, Options{FreshFor: 150 * time.Millisecond})
+	src := newSource()
+	src.put("a", "a1")
+	src.put("b", "b1")
+	ctx := ctxT(t)
+	var calls [][]string
+	var mu sync.Mutex
+	load := src.batch(&calls, &mu)
+	keys := []string{"a", "b"}
+	if got, err := f[0].c.RememberMany(ctx, keys, load); err != nil || got["a"] != "a1" || got["b"] != "b1" {
+		t.Fatalf("RememberMany = %v, %v", got, err)
+	}
+	src.put("a", "a2")
+	src.put("b", "b2")
+	time.Sleep(200 * time.Millisecond) // past the fresh period: there is no event for it
+	// Instance 1 reads them stale from Redis, instance 0 from its L1.
+	for i, in := range f {
+		got, err := in.c.RememberMany(ctx, keys, load)
+		if err != nil || len(got) != 2 || (got["a"] != "a1" && got["a"] != "a2") || (got["b"] != "b1" && got["b"] != "b2") {
+			t.Fatalf("stale RememberMany on instance %d = %v, %v", i, got, err)
+		}
+		if in.c.Stats().StaleServed == 0 && (got["a"] == "a1" || got["b"] == "b1") {
+			t.Fatalf("instance %d served a stale value without counting it", i)
+		}
+	}
+	for i, in := range f {
+		eventually(t, 5*time.Second, fmt.Sprintf("instance %d's refresh", i), func() bool {
+			got, _ := in.c.RememberMany(ctx, keys, load)
+			return got["a"] == "a2" && got["b"] == "b2"
+		})
+	}
+	mu.Lock()
+	refreshes := slices.Clone(calls)
+	mu.Unlock()
+	if len(refreshes) < 3 || len(refreshes[0]) != 2 {
+		t.Fatalf("loader calls %v; want the first load of both keys, then refreshes", refreshes)
+	}
+	perKey := map[string]int{}
+	for _, c := range refreshes[1:] {
+		if len(c) != 1 {
+			t.Fatalf("a refresh loaded %v; want one key per call", c)
+		}
+		perKey[c[0]]++
+	}
+	if perKey["a"] < 1 || perKey["a"] > 2 || perKey["b"] < 1 || perKey["b"] > 2 {
+		t.Fatalf("refresh loads per key %v; want 1 or 2 each (one per instance at most)", perKey)
+	}
+
+	e := newCache[string](t, Options{FreshFor: 400 * time.Millisecond, EagerRefresh: 0.5})
+	src.put("e", "e1")
+	if _, err := e.RememberMany(ctx, []string{"e"}, load); err != nil {
+		t.Fatal(err)
+	}
+	src.put("e", "e2")
+	time.Sleep(250 * time.Millisecond) // past the eager point (200ms), before staleness (400ms)
+	if got, err := e.RememberMany(ctx, []string{"e"}, load); err != nil || got["e"] != "e1" {
+		t.Fatalf("RememberMany past the eager point = %v, %v; want e1, still fresh", got, err)
+	}
+	eventually(t, 5*time.Second, "the eager refresh", func() bool {
+		v, _, _ := e.Get(ctx, "e")
+		return v == "e2"
+	})
+	if n := e.Stats().StaleServed; n != 0 {
+		t.Fatalf("stale answers = %d, want 0", n)
 	}
 }
 
