@@ -202,7 +202,7 @@ type Bus struct {
 	openedAt  atomic.Int64
 	opens     atomic.Uint64
 	closes    atomic.Uint64
-	replayMu  sync.Mutex // one replay at a time
+	replaying chan struct{} // holds a token while a replay runs: one at a time, waited for under a ctx
 	wake      chan struct{}
 	obDone    chan struct{}
 	obMu      sync.Mutex
@@ -250,15 +250,16 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 		return nil, err
 	}
 	b := &Bus{
-		rdb:      rdb,
-		opts:     opts,
-		handlers: make(map[string]*registration),
-		liveCh:   make(chan struct{}),
-		stop:     make(chan struct{}),
-		done:     make(chan struct{}),
-		wake:     make(chan struct{}, 1),
-		obDone:   make(chan struct{}),
-		outbox:   make(map[string]*pendingNS),
+		rdb:       rdb,
+		opts:      opts,
+		handlers:  make(map[string]*registration),
+		liveCh:    make(chan struct{}),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
+		wake:      make(chan struct{}, 1),
+		replaying: make(chan struct{}, 1),
+		obDone:    make(chan struct{}),
+		outbox:    make(map[string]*pendingNS),
 	}
 	if b.auth, err = newAuth(opts.Secret); err != nil {
 		return nil, err
@@ -517,8 +518,10 @@ func (b *Bus) telemetry() metrics.BusSnapshot {
 // Close stops the receive goroutine, waits for it and closes the
 // subscription. It is idempotent and safe to call concurrently; it does not
 // close the Redis client. It returns at once, except while the Bus is
-// resubscribing to a Redis that does not answer: go-redis cannot abandon a
-// connection handshake, so Close then waits up to HeartbeatTimeout.
+// resubscribing to a Redis that does not answer (go-redis cannot abandon a
+// connection handshake, so Close then waits up to HeartbeatTimeout), or
+// while a closing cache replays its outbox entries (bounded by that
+// cache's Close or Shutdown).
 //
 // Close the caches first: each replays its outbox entries as it closes.
 // Whatever the outbox still holds when the Bus closes is dropped, counted
@@ -541,14 +544,14 @@ func (b *Bus) Close() error {
 		b.psMu.Unlock()
 		<-b.done
 		<-b.obDone
-		b.replayMu.Lock()
+		b.replaying <- struct{}{} // after a cache's ReplayNow, bounded by its ctx
 		b.obMu.Lock()
 		n := 0
 		for ns := range b.outbox {
 			n += b.dropLocked(ns)
 		}
 		b.obMu.Unlock()
-		b.replayMu.Unlock()
+		<-b.replaying
 		if n > 0 {
 			b.logf(slog.LevelWarn, "tiercache: Bus closed with outbox entries unreplayed; they are dropped", "invalidations", n)
 			err = fmt.Errorf("invalidate: close: %d invalidations dropped: %w", n, ErrOutboxDropped)

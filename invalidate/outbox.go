@@ -26,7 +26,8 @@ var ErrOutboxDropped = errors.New("invalidate: outbox entries dropped unreplayed
 // whole namespace), in one atomic step per batch, without going through the
 // circuit breaker. It is called from the Bus's outbox goroutine, and from
 // ReplayNow's caller. A Replay that did nothing because its cache is closing
-// returns ErrNotReplayed: the entries stay for that cache's Drop.
+// returns ErrNotReplayed: the entries stay, and unregistering drops and
+// reports them.
 type Replayer interface {
 	Replay(ctx context.Context, keys []string, flush bool) error
 }
@@ -157,8 +158,12 @@ func (b *Bus) kick() {
 // drops what is left, so this is for a namespace that never had a handler
 // here. One replay runs at a time.
 func (b *Bus) replay(ctx context.Context, ns string) error {
-	b.replayMu.Lock()
-	defer b.replayMu.Unlock()
+	select {
+	case b.replaying <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-b.replaying }()
 	type job struct {
 		ns    string
 		keys  []string
@@ -253,17 +258,26 @@ func (b *Bus) replay(ctx context.Context, ns string) error {
 }
 
 // ReplayNow replays what the outbox holds for namespace ns at once, on the
-// caller's goroutine, through ns's handler: bounded by ctx, past the
-// circuit breaker and the backoff, after any replay already running. It
-// returns nil when the outbox holds nothing of ns afterwards, and otherwise
-// the replay's error (ErrNotReplayed if the handler declined). A cache calls
-// it as it closes (Shutdown), while it can still name its keys.
+// caller's goroutine, through ns's handler, past the circuit breaker and
+// the backoff. It waits for a replay already running (of any namespace),
+// and all of it is bounded by ctx: when ctx ends first it returns ctx's
+// error, which is not counted against Redis. It returns nil when the
+// outbox holds nothing of ns afterwards, and otherwise the replay's error
+// (ErrNotReplayed if the handler declined, or a newer Defer came in the
+// meantime). A cache calls it as it closes (Shutdown), while it can still
+// name its keys.
 func (b *Bus) ReplayNow(ctx context.Context, ns string) error {
 	if b.depth.Load() == 0 {
 		return nil
 	}
+	b.obMu.Lock()
+	_, pending := b.outbox[ns]
+	b.obMu.Unlock()
+	if !pending {
+		return nil
+	}
 	err := b.replay(ctx, ns)
-	if Unavailable(err) {
+	if Unavailable(err) && ctx.Err() == nil { // the caller's deadline says nothing of Redis
 		b.Report(err)
 	}
 	b.obMu.Lock()

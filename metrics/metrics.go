@@ -399,7 +399,7 @@ func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
 		metric.WithDescription("Times a namespace's pending invalidations became one flush because the outbox was full."))
 	add(err)
 	dropped, err := m.Int64ObservableCounter("tiercache.outbox.dropped", metric.WithUnit("{invalidation}"),
-		metric.WithDescription("Invalidations dropped unreplayed because their cache closed while Redis was unreachable: other instances may serve what their writes replaced until it expires."))
+		metric.WithDescription("Invalidations dropped unreplayed: their cache or the Bus closed first (or their namespace had no cache on the Bus). Other instances may serve what their writes replaced until it expires."))
 	add(err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, err

@@ -118,6 +118,9 @@ type Cache[V any] struct {
 	// afterL2Read, when set by a test, runs between an L2 read and the L1
 	// store of its result: the seam for forcing fill races.
 	afterL2Read func(key string)
+	// beforeReplay, when set by a test, runs as an outbox replay of this
+	// cache starts (after it is admitted).
+	beforeReplay func()
 	// afterApply, when set by a test, runs after a received message has
 	// been applied: the signal tests await instead of sleeping.
 	afterApply func()
@@ -285,8 +288,10 @@ func (c *Cache[V]) Mode() Mode { return c.opts.Mode }
 // without a deadline is noticed when the read returns, at most
 // Options.CommandTimeout later; the callers that joined it can leave at any
 // time. If a Remember in this process is reading or loading the same key,
-// Get waits for it to finish (as long as ctx allows) and then reads Redis
-// itself: the two never read one key at once, which keeps reads monotonic.
+// Get waits for it to finish (as long as ctx allows) and then takes what
+// it stored in L1, or reads Redis itself if it stored nothing: the two
+// never read one key at once, which keeps reads monotonic. Such a Get
+// counts as the L1 miss it first was.
 // Such a wait can last as long as the load.
 func (c *Cache[V]) Get(ctx context.Context, key string) (v V, ok bool, err error) {
 	if c.l1 != nil && !c.closing.Load() {
@@ -836,10 +841,13 @@ func (c *Cache[V]) jitter(d time.Duration) time.Duration {
 //
 // Invalidations of this cache's failed writes that the Bus still keeps in
 // its outbox are replayed first, as Shutdown does, within twice
-// CommandTimeout (1 s by default). What cannot be replayed is dropped, and
-// Close returns an error wrapping invalidate.ErrOutboxDropped: other
+// CommandTimeout (1 s by default; this includes waiting for a replay of
+// other caches the Bus is running). What cannot be replayed is dropped,
+// and Close returns an error wrapping invalidate.ErrOutboxDropped: other
 // instances may then serve what those writes meant to replace until it
-// expires. Only the first call returns it.
+// expires. Only the first call returns it. Close may also wait for one
+// round trip of a replay of this cache that the Bus had already started
+// (CommandTimeout, or the client's ReadTimeout without one).
 //
 // An L1 hit takes no lock, so Close cannot wait for Gets that are already
 // past their first check; finish serving requests (http.Server.Shutdown)

@@ -147,6 +147,9 @@ func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error
 		return invalidate.ErrNotReplayed // closing: its Shutdown drops what is left
 	}
 	defer leave()
+	if c.beforeReplay != nil {
+		c.beforeReplay()
+	}
 	if flush {
 		err = c.clearRedis(ctx)
 	} else {

@@ -666,3 +666,44 @@ func TestClose_ReportsDroppedOutbox(t *testing.T) {
 		t.Fatalf("second Close: %v; want nil", err)
 	}
 }
+
+// Close's replay is bounded even while the Bus's outbox goroutine is busy
+// replaying another namespace (held here in that cache's Replay): Close
+// waits for it only as long as its own bound, then drops and reports.
+func TestClose_BoundedWhileAnotherReplayRuns(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	opts := Options{CommandTimeout: 100 * time.Millisecond}
+	bo := faultBus
+	bo.BreakerThreshold = -1
+	a := direct[string](t, s, ns+"-a", opts, bo)
+	b, err := New[string](ns+"-b", a.rdb, a.bus, Options{CommandTimeout: opts.CommandTimeout, KeyPrefix: s.Prefix()})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { b.Close() })
+	reached, release := make(chan struct{}), make(chan struct{})
+	var once, releaseOnce sync.Once
+	b.mu.Lock()
+	b.beforeReplay = func() {
+		once.Do(func() { close(reached) })
+		<-release
+	}
+	b.mu.Unlock()
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	a.bus.Defer(b.name, "held")
+	await(t, reached, "the outbox goroutine replaying the other namespace")
+	a.bus.Defer(a.c.name, "k") // a's failed write, while that replay holds the outbox
+	// Without the bound Close would wait for the held replay for ever:
+	// release it after 3 s so that such a Close fails instead of hanging.
+	valve := time.AfterFunc(3*time.Second, func() { releaseOnce.Do(func() { close(release) }) })
+	t.Cleanup(func() { valve.Stop() })
+	start := time.Now()
+	err = a.c.Close()
+	if d := time.Since(start); d > 2*opts.CommandTimeout+300*time.Millisecond {
+		t.Fatalf("Close took %v while another namespace's replay ran; its bound is %v", d, 2*opts.CommandTimeout)
+	}
+	if !errors.Is(err, invalidate.ErrOutboxDropped) {
+		t.Fatalf("Close that could not replay in time: %v; want ErrOutboxDropped", err)
+	}
+}

@@ -57,7 +57,8 @@ import (
 //     own access ring is lossy by design too (TestHotIndex_KeepsHotKeysAdmitted).
 //
 // Two hot keys whose hashes share a slot take turns in it: each promotion
-// replaces the other, and both are still served, through ristretto.
+// replaces the other, and the key not in the slot is served through
+// ristretto.
 type hotIndex[V any] struct {
 	slots []hotSlot[V]
 	mask  uint64
@@ -66,18 +67,21 @@ type hotIndex[V any] struct {
 	between func(op string)
 }
 
-// hotSlot is one entry pointer and the count of L1 misses in the slot. An
-// entry is served from it only if the count it was promoted under (its
-// pseq) is still the slot's.
+// hotSlot is one entry pointer, the count of L1 misses in the slot and the
+// hash of the key promoted last. An entry is served from it only if the
+// count it was promoted under (its pseq) is still the slot's.
 type hotSlot[V any] struct {
 	e      atomic.Pointer[entry[V]]
 	misses atomic.Uint64
 	// tag is the hash of the key last promoted here. A lookup compares it
 	// before it follows e, so a slot that holds another key (with more
 	// keys than slots, most lookups) costs the slot's cache line only, not
-	// the entry's and its key's too. It is only a filter: e and tag are
-	// stored apart, a mismatch sends the read to ristretto, and a match is
-	// still checked in full.
+	// the entry's and its key's too. It is only a filter, stored apart from
+	// e: a match is still checked in full, and a mismatch sends the read to
+	// ristretto. Two promotions racing into one slot can leave one key's
+	// entry under the other's tag; the next promotion of either key stores
+	// both again (promote skips only when the entry, its count and the tag
+	// all match), so that lasts until the next sampled hit.
 	tag atomic.Uint64
 }
 
@@ -132,7 +136,7 @@ func (x hotIndex[V]) missed(h uint64) { x.slot(h).misses.Add(1) }
 // by the fence, the slot of its hash.
 func (x hotIndex[V]) promote(h uint64, e *entry[V], pseq uint64) {
 	s := x.slot(h)
-	if s.e.Load() == e && e.pseq.Load() == pseq {
+	if s.e.Load() == e && e.pseq.Load() == pseq && s.tag.Load() == h {
 		return
 	}
 	e.pseq.Store(pseq)

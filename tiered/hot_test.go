@@ -464,3 +464,26 @@ func TestHotIndex_NegativeAndCopyOnRead(t *testing.T) {
 		}
 	})
 }
+
+// TestHotIndex_TagRacesHeal: promote stores the tag and the entry apart, so
+// two promotions into one slot can interleave and leave key 1's entry under
+// key 2's tag (forced here). Key 1 must not be shut out for good: its next
+// promotion stores both again, and the index serves it.
+func TestHotIndex_TagRacesHeal(t *testing.T) {
+	x := newHotIndex[string](0)
+	h1 := uint64(7)
+	h2 := h1 + x.mask + 1 // the same slot
+	e1 := hotEntry("k1", h1)
+	s := x.slot(h1)
+	// The interleaving P1: tag=h1; P2: tag=h2, e=e2; P1: e=e1.
+	s.tag.Store(h2)
+	e1.pseq.Store(x.seq(h1))
+	s.e.Store(e1)
+	if x.lookup(h1) != nil {
+		t.Fatal("a lookup passed a slot whose tag is another key's")
+	}
+	x.promote(h1, e1, x.seq(h1)) // what the next sampled hit of key 1 does
+	if x.lookup(h1) != e1 {
+		t.Fatalf("after its next promotion key 1 is still not served (tag %d)", s.tag.Load())
+	}
+}

@@ -73,7 +73,9 @@ type Stats struct {
 	// for space; L1MaxCost bounds it all).
 	Keys   uint64 `json:"keys"`
 	Memory uint64 `json:"memory"`
-	// HitRatio is the share of reads answered by either tier.
+	// HitRatio is the share of reads answered by either tier. A Get that
+	// waited for a Remember of its key and took what it stored counts as an
+	// L1 miss only, so it lowers the ratio slightly.
 	HitRatio float64 `json:"hitRatio"`
 	// Evictions counts L1 entries evicted to make room.
 	Evictions uint64 `json:"evictions"`
