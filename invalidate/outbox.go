@@ -202,12 +202,7 @@ func (b *Bus) replay(ctx context.Context, ns string) error {
 		r := b.handlers[j.ns]
 		b.mu.RUnlock()
 		dropped := r == nil
-		if dropped {
-			// Said once, when it happens: the namespace's writes that did
-			// not reach Redis will not be invalidated by this process.
-			b.logf(slog.LevelWarn, "tiercache: outbox entries dropped: their namespace has no cache on this Bus any more",
-				"namespace", j.ns, "keys", len(j.keys), "flush", j.flush != 0)
-		} else {
+		if !dropped {
 			rp, ok := r.h.(Replayer)
 			if ok {
 				rctx, cancel := context.WithTimeout(ctx, max(b.opts.HeartbeatTimeout, 5*time.Second))
@@ -248,9 +243,14 @@ func (b *Bus) replay(ctx context.Context, ns string) error {
 		}
 		b.depth.Store(int64(b.obKeys + b.obFlushes))
 		b.obMu.Unlock()
-		if dropped {
+		switch {
+		case dropped && removed > 0:
 			b.dropped.Add(uint64(removed))
-		} else {
+			// Said once, when it happens: the namespace's writes that did
+			// not reach Redis will not be invalidated by this process.
+			b.logf(slog.LevelWarn, "tiercache: outbox entries dropped: their namespace has no cache on this Bus",
+				"namespace", j.ns, "invalidations", removed, "flush", j.flush != 0)
+		case !dropped:
 			b.replayed.Add(uint64(removed))
 		}
 	}
