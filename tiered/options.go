@@ -146,13 +146,14 @@ type Options struct {
 	// Zero means DefaultLoadTimeout.
 	LoadTimeout time.Duration
 
-	// FreshFor turns on stale-while-revalidate and fail-safe for Remember.
-	// A value is fresh for FreshFor after it was written; after that, and
-	// until TTL removes it from Redis, it is stale: Remember returns it and
-	// refreshes it (see SoftTimeout), and while the loader fails it keeps
-	// returning it (fail-safe), retrying at most every RetryThrottle. So TTL
-	// minus FreshFor is the longest a stale value is served. Get returns
-	// stale values like any other. Zero disables it.
+	// FreshFor turns on stale-while-revalidate and fail-safe for Remember
+	// and RememberMany. A value is fresh for FreshFor after it was written;
+	// after that, and until TTL removes it from Redis, it is stale: Remember
+	// returns it and refreshes it (see SoftTimeout), RememberMany returns
+	// them and refreshes them in one background load, and while the loader
+	// fails they keep returning it (fail-safe), retrying at most every
+	// RetryThrottle. So TTL minus FreshFor is the longest a stale value is
+	// served. Get returns stale values like any other. Zero disables it.
 	FreshFor time.Duration
 
 	// SoftTimeout is how long a Remember that found a stale value waits for
@@ -162,7 +163,8 @@ type Options struct {
 	SoftTimeout time.Duration
 
 	// EagerRefresh, between 0 and 1, refreshes a value in the background
-	// when a Remember finds it past that fraction of its fresh period (0.8:
+	// when a Remember or RememberMany finds it in L1 past that fraction of
+	// its fresh period (0.8:
 	// after 80% of FreshFor), so busy keys never go stale. It needs
 	// FreshFor. Zero disables it.
 	EagerRefresh float64

@@ -528,8 +528,9 @@ type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, 
 // the map holds what was found before it.
 //
 // With Options.FreshFor, values past their fresh period are returned at once
-// and refreshed in the background as with Remember (EagerRefresh too), one
-// key per call of load; SoftTimeout applies to Remember only.
+// and refreshed in the background as with Remember (EagerRefresh too), in
+// one call of load for the keys of the call that no other load or refresh
+// has in flight; SoftTimeout applies to Remember only.
 func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLoader[V]) (_ map[string]V, err error) {
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err
@@ -579,7 +580,7 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		for i, fk := range fkeys {
 			keys[i] = fk[1:]
 		}
-		return c.readThroughMany(ctx, keys, snaps, load)
+		return c.readThroughMany(ctx, keys, snaps, load, nil)
 	})
 	err = c.collect(out, missing, results)
 	for i, r := range results {
@@ -599,50 +600,97 @@ type staleKey struct {
 }
 
 // refreshMany refreshes in the background what RememberMany served stale
-// (or past EagerRefresh), key by key as Remember does, each through load
-// called for that one key.
+// (or past EagerRefresh): the keys no refresh or load has in flight, not
+// held off by RetryThrottle, in one run and one call of load, each stored
+// only over the write it replaces. A failed refresh keeps the values
+// (fail-safe) and holds off those keys for RetryThrottle.
 func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchLoader[V]) {
 	if len(keys) == 0 {
 		return
 	}
-	one := func(ctx context.Context, key string) (V, error) {
-		vals, err := load(ctx, []string{key})
-		v, ok := vals[key]
-		switch {
-		case err != nil:
-			return v, err
-		case !ok:
-			return v, ErrNotFound
-		}
-		return v, nil
-	}
+	now := time.Now().UnixNano()
+	var fkeys []string
+	replace := make(map[string]uint64, len(keys))
+	snaps := make(map[string]snapshot, len(keys))
 	for _, k := range keys {
 		if k.stale {
 			c.st.staleServed.Add(1)
 		}
-		c.refreshAsync(ctx, k.key, k.wid, one)
+		if until, ok := c.throttle.Load(k.key); ok && now < until.(int64) {
+			continue
+		}
+		if _, dup := replace[k.key]; dup {
+			continue
+		}
+		replace[k.key] = k.wid
+		snaps[k.key] = c.snap(hashKey(k.key)) // before the flight exists (see readL2)
+		fkeys = append(fkeys, rememberKey(k.key))
 	}
+	c.flights.GoMany(ctx, fkeys, c.opts.LoadTimeout, func(ctx context.Context, fkeys []string) (map[string]readResult[V], error) {
+		ks := make([]string, len(fkeys))
+		for i, fk := range fkeys {
+			ks[i] = fk[1:]
+		}
+		c.st.refreshes.Add(uint64(len(ks)))
+		out, err := c.readThroughMany(ctx, ks, snaps, load, replace)
+		if err != nil {
+			c.st.failSafe.Add(uint64(len(ks)))
+			until := time.Now().Add(c.opts.RetryThrottle).UnixNano()
+			for _, k := range ks {
+				c.throttle.Store(k, until)
+			}
+		} else {
+			for _, k := range ks {
+				c.throttle.Delete(k)
+			}
+		}
+		return out, err
+	})
 }
 
 // readThroughMany is readThrough for a batch: one pipeline to Redis, one
 // call of load for what Redis does not have, then each loaded value stored
 // through the fence. The result is keyed by flight key.
-func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map[string]snapshot, load BatchLoader[V]) (map[string]readResult[V], error) {
+//
+// With replace (a refresh), a key whose Redis value is still the write
+// replace names is loaded and stored over that very write; one that holds
+// another write (another instance refreshed first) takes it instead.
+func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map[string]snapshot, load BatchLoader[V], replace map[string]uint64) (map[string]readResult[V], error) {
 	out := make(map[string]readResult[V], len(keys))
 	expect := make(map[string][]byte, len(keys))
 	noStore := make(map[string]bool)
 	var gen uint64
+	// Keys this process's failed writes left in the outbox: Redis may hold
+	// what those writes replaced, so they are loaded, served, and left to
+	// the replay (as in readThrough).
+	var pendingKeys []string
+	if !c.memoryOnly() {
+		var rest []string
+		for _, k := range keys {
+			if c.pending(k) {
+				noStore[k] = true
+				pendingKeys = append(pendingKeys, k)
+			} else {
+				rest = append(rest, k)
+			}
+		}
+		keys = rest
+	}
 	toLoad := keys
-	if c.memoryOnly() {
+	switch {
+	case len(keys) == 0: // only pending keys: nothing to read from Redis
+	case c.memoryOnly():
 		for _, k := range keys {
 			noStore[k] = true
 		}
-	} else if err := c.admit(); err != nil {
-		c.st.degradedLoads.Add(uint64(len(keys)))
-		for _, k := range keys {
-			noStore[k] = true
+	default:
+		if err := c.admit(); err != nil {
+			c.st.degradedLoads.Add(uint64(len(keys)))
+			for _, k := range keys {
+				noStore[k] = true
+			}
+			break
 		}
-	} else {
 		start := time.Now()
 		l2ctx, cancel := c.opCtx(ctx)
 		var err error
@@ -678,11 +726,16 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 					c.st.l2Misses.Add(1)
 					noStore[k] = foreign(derr)
 					toLoad = append(toLoad, k)
+				case found && replace[k] != 0 && binary.BigEndian.Uint64(raw[4:12]) == replace[k]:
+					c.st.l2Hits.Add(1)
+					expect[k] = raw[4:12] // load, and store only over this very write
+					toLoad = append(toLoad, k)
 				case found:
 					c.st.l2Hits.Add(1)
 					c.fill(k, h, snaps[k], val, payload, raw, ttls[i].Val())
 					fresh, wid := freshness(raw, c.opts.PlainJSON)
-					out[rememberKey(k)] = readResult[V]{val: val, found: true, stale: fresh != 0 && time.Now().UnixNano() >= fresh, wid: wid}
+					stale := fresh != 0 && time.Now().UnixNano() >= fresh && replace[k] == 0
+					out[rememberKey(k)] = readResult[V]{val: val, found: true, stale: stale, wid: wid}
 				case raw[3]&byte(wire.FlagNegative) != 0:
 					c.st.l2Hits.Add(1)
 					c.fillNegative(k, h, snaps[k], ttls[i].Val())
@@ -700,6 +753,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			}
 		}
 	}
+	toLoad = append(toLoad, pendingKeys...)
 	if len(toLoad) == 0 {
 		return out, nil
 	}

@@ -22,7 +22,7 @@ type counters struct {
 	corrupt               atomic.Uint64
 	loads, fencedFills    atomic.Uint64 // loader calls; loaded values Redis refused (written meanwhile)
 	leases, leaseWaits    atomic.Uint64 // leases taken; polls for another instance's load
-	staleServed           atomic.Uint64 // Remember answers past their fresh period
+	staleServed           atomic.Uint64 // values past their fresh period returned by Remember and RememberMany (one per key)
 	refreshes, failSafe   atomic.Uint64 // background refreshes; of those, failed ones (stale kept)
 	refused               atomic.Uint64 // Redis calls the open circuit refused
 	degradedLoads         atomic.Uint64 // Remember answers the loader gave because Redis could not

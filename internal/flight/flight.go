@@ -283,6 +283,42 @@ func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn
 	return true
 }
 
+// GoMany is Go for several keys: it starts one background run of fn for
+// those of keys that have no run (and, in a group with rivals, no rival) in
+// flight, and returns them; fn gets exactly those, and returns a value per
+// key as for DoMany. The run is pinned, as Go's is. It starts nothing and
+// returns nil when every key is taken or the group is closed.
+func (g *Group[T]) GoMany(ctx context.Context, keys []string, timeout time.Duration, fn func(ctx context.Context, keys []string) (map[string]T, error)) []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil
+	}
+	var fresh []*call[T]
+	var started []string
+	for _, k := range keys {
+		if _, inFlight := g.calls[k]; inFlight || g.rivalInFlight(k) != nil {
+			continue
+		}
+		c := &call[T]{key: k, done: make(chan struct{})}
+		g.calls[k] = c
+		fresh = append(fresh, c)
+		started = append(started, k)
+	}
+	if len(fresh) == 0 {
+		return nil
+	}
+	g.start(ctx, fresh, timeout, func(ctx context.Context) error {
+		vals, err := fn(ctx, started)
+		for _, c := range fresh {
+			c.val = vals[c.key]
+		}
+		return err
+	})
+	fresh[0].run.pinned = true
+	return started
+}
+
 // Result is one key's outcome of DoMany.
 type Result[T any] struct {
 	Val    T

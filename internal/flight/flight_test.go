@@ -916,6 +916,58 @@ func TestGo(t *testing.T) {
 	}
 }
 
+// TestGoMany: one background run for the keys not already in flight, which
+// callers can join; a joiner that leaves does not cancel it; nothing starts
+// when every key is taken.
+func TestGoMany(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+	holdA := make(chan struct{})
+	go g.Do(context.Background(), "a", time.Minute, func(context.Context) (int, error) { <-holdA; return 1, nil })
+	waitWaiters(t, g, "a", 1)
+	release := make(chan struct{})
+	var got []string
+	var cancelled atomic.Bool
+	fn := func(ctx context.Context, keys []string) (map[string]int, error) {
+		got = append([]string(nil), keys...)
+		<-release
+		cancelled.Store(ctx.Err() != nil)
+		return map[string]int{"b": 2, "c": 3}, nil
+	}
+	if started := g.GoMany(context.Background(), []string{"a", "b", "c", "b"}, time.Minute, fn); strings.Join(started, ",") != "b,c" {
+		t.Fatalf("GoMany started %v; want [b c] (a is in flight, b once)", started)
+	}
+	if started := g.GoMany(context.Background(), []string{"a", "b"}, time.Minute, fn); started != nil {
+		t.Fatalf("GoMany started %v for keys all in flight", started)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	left := make(chan error)
+	go func() { _, err, _ := g.Do(ctx, "b", time.Minute, func(context.Context) (int, error) { return -1, nil }); left <- err }()
+	waitWaiters(t, g, "b", 1)
+	cancel()
+	if err := <-left; !errors.Is(err, context.Canceled) {
+		t.Fatalf("joiner err = %v", err)
+	}
+	joined := make(chan int)
+	go func() {
+		v, _, _ := g.Do(context.Background(), "c", time.Minute, func(context.Context) (int, error) { return -1, nil })
+		joined <- v
+	}()
+	waitWaiters(t, g, "c", 1)
+	close(release)
+	if v := <-joined; v != 3 {
+		t.Fatalf("Do(c) joining the background run = %d; want 3", v)
+	}
+	if strings.Join(got, ",") != "b,c" || cancelled.Load() {
+		t.Fatalf("the run got %v, cancelled %v; want [b c], not cancelled", got, cancelled.Load())
+	}
+	close(holdA)
+	g.Close()
+	if started := g.GoMany(context.Background(), []string{"x"}, time.Minute, fn); started != nil {
+		t.Fatal("GoMany started a run on a closed group")
+	}
+}
+
 func rivalOf(k string) string {
 	switch k[0] {
 	case 'a':
