@@ -86,7 +86,7 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 				if now := c.now.Load(); now >= e.fresh {
 					return c.rememberStale(ctx, key, v, e.wid, load)
 				} else if e.eager != 0 && now >= e.eager {
-					c.refreshAsync(ctx, key, e.wid, load)
+					c.refreshAsync(ctx, key, e.val, e.wid, load)
 				}
 			}
 			return v, nil
@@ -100,10 +100,12 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 // RetryThrottle. With Options.Lease one instance of the fleet refreshes;
 // the others find the value still in Redis and keep serving it.
 //
-// replace is the write ID of the value being refreshed: the refresh loads
-// only if Redis still holds that write; if another instance has refreshed
-// it already, it takes that value instead.
-func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) {
+// replace is the write ID of the value being refreshed (old): the refresh
+// loads only if Redis still holds that write; if another instance has
+// refreshed it already, it takes that value instead. A caller that joins a
+// refresh that fails gets old, marked stale, not the loader's error: it is
+// served fail-safe like the caller that started the refresh.
+func (c *Cache[V]) refreshAsync(ctx context.Context, key string, old V, replace uint64, load Loader[V]) {
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
 		return
 	}
@@ -114,10 +116,10 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64,
 		if err != nil {
 			c.st.failSafe.Add(1)
 			c.throttle.Store(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
-		} else {
-			c.throttle.Delete(key)
+			return readResult[V]{val: old, found: true, stale: true, wid: replace}, nil
 		}
-		return r, err
+		c.throttle.Delete(key)
+		return r, nil
 	}
 	// Go declines while the key has a Get flight in flight (rivalFlight):
 	// the refresh is then skipped, and the next stale hit tries again.
@@ -133,7 +135,7 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
 		return stale, nil
 	}
-	c.refreshAsync(ctx, key, wid, load)
+	c.refreshAsync(ctx, key, stale, wid, load)
 	if c.opts.SoftTimeout <= 0 {
 		return stale, nil
 	}
@@ -543,16 +545,16 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		return nil, err
 	}
 	defer leave()
-	var refresh []staleKey
+	var refresh []staleKey[V]
 	var hit func(string, *entry[V])
 	if c.opts.FreshFor > 0 {
 		hit = func(k string, e *entry[V]) {
 			switch now := c.now.Load(); {
 			case e.fresh == 0:
 			case now >= e.fresh:
-				refresh = append(refresh, staleKey{key: k, wid: e.wid, stale: true})
+				refresh = append(refresh, staleKey[V]{key: k, val: e.val, wid: e.wid, stale: true})
 			case e.eager != 0 && now >= e.eager:
-				refresh = append(refresh, staleKey{key: k, wid: e.wid})
+				refresh = append(refresh, staleKey[V]{key: k, val: e.val, wid: e.wid})
 			}
 		}
 	}
@@ -585,7 +587,7 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 	err = c.collect(out, missing, results)
 	for i, r := range results {
 		if r.Err == nil && r.Val.found && r.Val.stale {
-			refresh = append(refresh, staleKey{key: missing[i], wid: r.Val.wid, stale: true})
+			refresh = append(refresh, staleKey[V]{key: missing[i], val: r.Val.val, wid: r.Val.wid, stale: true})
 		}
 	}
 	return out, err
@@ -593,8 +595,9 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 
 // staleKey is a key RememberMany answered with a value due for a refresh:
 // stale (past FreshFor), or only past EagerRefresh.
-type staleKey struct {
+type staleKey[V any] struct {
 	key   string
+	val   V      // what was served: what a failed refresh keeps serving
 	wid   uint64 // the write ID the refresh replaces
 	stale bool
 }
@@ -604,13 +607,14 @@ type staleKey struct {
 // held off by RetryThrottle, in one run and one call of load, each stored
 // only over the write it replaces. A failed refresh keeps the values
 // (fail-safe) and holds off those keys for RetryThrottle.
-func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchLoader[V]) {
+func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load BatchLoader[V]) {
 	if len(keys) == 0 {
 		return
 	}
 	now := time.Now().UnixNano()
 	var fkeys []string
 	replace := make(map[string]uint64, len(keys))
+	old := make(map[string]V, len(keys))
 	snaps := make(map[string]snapshot, len(keys))
 	for _, k := range keys {
 		if k.stale {
@@ -623,6 +627,7 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchL
 			continue
 		}
 		replace[k.key] = k.wid
+		old[k.key] = k.val
 		snaps[k.key] = c.snap(hashKey(k.key)) // before the flight exists (see readL2)
 		fkeys = append(fkeys, rememberKey(k.key))
 	}
@@ -634,17 +639,25 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchL
 		c.st.refreshes.Add(uint64(len(ks)))
 		out, err := c.readThroughMany(ctx, ks, snaps, load, replace)
 		if err != nil {
+			// Fail-safe, for the callers that joined too: keys the load
+			// did not settle keep the values they had.
 			c.st.failSafe.Add(uint64(len(ks)))
 			until := time.Now().Add(c.opts.RetryThrottle).UnixNano()
+			if out == nil {
+				out = make(map[string]readResult[V], len(ks))
+			}
 			for _, k := range ks {
 				c.throttle.Store(k, until)
+				if _, ok := out[rememberKey(k)]; !ok {
+					out[rememberKey(k)] = readResult[V]{val: old[k], found: true, stale: true, wid: replace[k]}
+				}
 			}
-		} else {
-			for _, k := range ks {
-				c.throttle.Delete(k)
-			}
+			return out, nil
 		}
-		return out, err
+		for _, k := range ks {
+			c.throttle.Delete(k)
+		}
+		return out, nil
 	})
 }
 

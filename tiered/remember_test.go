@@ -809,6 +809,64 @@ func TestRemember_FailSafe(t *testing.T) {
 	}
 }
 
+// TestRemember_FailSafeForJoiners: a caller that finds no stale value of its
+// own (no L1 here) and joins a refresh that fails gets the stale value, as
+// the caller that started the refresh does, not the loader's error; the
+// same for RememberMany.
+func TestRemember_FailSafeForJoiners(t *testing.T) {
+	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	loading, release := make(chan struct{}, 16), make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	load := func(context.Context, string) (string, error) {
+		if !failing.Load() {
+			return "v1", nil
+		}
+		loading <- struct{}{}
+		<-release
+		return "", errors.New("db down")
+	}
+	batch := func(ctx context.Context, keys []string) (map[string]string, error) {
+		out := map[string]string{}
+		for _, k := range keys {
+			v, err := load(ctx, k)
+			if err != nil {
+				return nil, err
+			}
+			out[k] = v
+		}
+		return out, nil
+	}
+	for _, k := range []string{"k", "m"} {
+		if v, err := c.Remember(ctx, k, load); err != nil || v != "v1" {
+			t.Fatalf("Remember(%s) = %q, %v", k, v, err)
+		}
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+		t.Fatalf("stale Remember = %q, %v; want v1 at once", v, err)
+	}
+	if got, err := c.RememberMany(ctx, []string{"m"}, batch); err != nil || got["m"] != "v1" {
+		t.Fatalf("stale RememberMany = %v, %v; want v1 at once", got, err)
+	}
+	await(t, loading, "the refresh of k")
+	await(t, loading, "the refresh of m")
+	joined := make(chan string, 2)
+	go func() { v, err := c.Remember(ctx, "k", load); joined <- fmt.Sprint(v, " ", err) }()
+	go func() { got, err := c.RememberMany(ctx, []string{"m"}, batch); joined <- fmt.Sprint(got["m"], " ", err) }()
+	waitWaiters(t, c, "k", 1)
+	waitWaiters(t, c, "m", 1)
+	releaseOnce.Do(func() { close(release) })
+	for range 2 {
+		if got := <-joined; got != "v1 <nil>" {
+			t.Fatalf("a caller that joined the failing refresh got %q; want the stale v1", got)
+		}
+	}
+}
+
 // TestRemember_EagerRefresh: a value read past EagerRefresh of its fresh
 // period is refreshed in the background and never served stale.
 func TestRemember_EagerRefresh(t *testing.T) {
