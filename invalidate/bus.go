@@ -483,7 +483,7 @@ type Stats struct {
 	OutboxDepth   int    // keys and namespace flushes waiting to be replayed
 	Deferred      uint64 // invalidations put in the outbox
 	Replayed      uint64 // invalidations replayed from it
-	OutboxDropped uint64 // invalidations dropped unreplayed: their cache or the Bus closed first
+	OutboxDropped uint64 // invalidations dropped unreplayed: their cache or the Bus closed first, or their namespace had no cache here
 	Overflows     uint64 // times a namespace degraded to a flush because the outbox was full
 	Resets        uint64 // epoch changes: each voided every namespace's L1 here
 }

@@ -24,8 +24,8 @@ var ErrOutboxDropped = errors.New("invalidate: outbox entries dropped unreplayed
 // invalidations the Bus kept in its outbox. A cache's Replay deletes the keys
 // from Redis and publishes their invalidation (or, with flush, clears the
 // whole namespace), in one atomic step per batch, without going through the
-// circuit breaker. It is called from the Bus's outbox goroutine, and from
-// ReplayNow's caller. A Replay that did nothing because its cache is closing
+// circuit breaker. It is called from the Bus's outbox goroutine, from its
+// receive goroutine as it resubscribes, and from ReplayNow's caller. A Replay that did nothing because its cache is closing
 // returns ErrNotReplayed: the entries stay, and unregistering drops and
 // reports them.
 type Replayer interface {

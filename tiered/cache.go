@@ -845,9 +845,11 @@ func (c *Cache[V]) jitter(d time.Duration) time.Duration {
 // other caches the Bus is running). What cannot be replayed is dropped,
 // and Close returns an error wrapping invalidate.ErrOutboxDropped: other
 // instances may then serve what those writes meant to replace until it
-// expires. Only the first call returns it. Close may also wait for one
-// round trip of a replay of this cache that the Bus had already started
-// (CommandTimeout, or the client's ReadTimeout without one).
+// expires. Only the first call returns it. Close may also wait for a
+// replay of this cache that the Bus had already started: one round trip
+// (CommandTimeout, or the client's ReadTimeout without one), or for a
+// PlainJSON namespace flush a SCAN and UNLINK pass, bounded by the larger
+// of the Bus's HeartbeatTimeout and 5 s.
 //
 // An L1 hit takes no lock, so Close cannot wait for Gets that are already
 // past their first check; finish serving requests (http.Server.Shutdown)

@@ -169,8 +169,9 @@ type Options struct {
 	// FreshFor. Zero disables it.
 	EagerRefresh float64
 
-	// RetryThrottle is how long after a failed refresh Remember serves the
-	// stale value without calling the loader again. Zero means
+	// RetryThrottle is how long after a failed refresh Remember and
+	// RememberMany serve the stale value without calling the loader again
+	// for that key. Zero means
 	// DefaultRetryThrottle.
 	RetryThrottle time.Duration
 
@@ -180,6 +181,7 @@ type Options struct {
 	// 10 ms for its result, and take over if the lease expires first (the
 	// holder died), so they wait at most LoadTimeout for a dead holder.
 	// Off by default: each waiting instance costs a Redis read per poll.
+	// RememberMany's batch loads and refreshes take no lease.
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both

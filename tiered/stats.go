@@ -73,9 +73,10 @@ type Stats struct {
 	// for space; L1MaxCost bounds it all).
 	Keys   uint64 `json:"keys"`
 	Memory uint64 `json:"memory"`
-	// HitRatio is the share of reads answered by either tier. A Get that
-	// waited for a Remember of its key and took what it stored counts as an
-	// L1 miss only, so it lowers the ratio slightly.
+	// HitRatio is the share of reads answered by either tier: L1 hits plus
+	// L2 hits over all reads (capped at 1, since L2 also counts the Redis
+	// reads of background refreshes). A Get that waited for a Remember of
+	// its key and took what it stored counts as an L1 miss only.
 	HitRatio float64 `json:"hitRatio"`
 	// Evictions counts L1 entries evicted to make room.
 	Evictions uint64 `json:"evictions"`
@@ -156,7 +157,8 @@ func (c *Cache[V]) Stats() Stats {
 		total = s.L2.Hits + s.L2.Misses
 	}
 	if total > 0 {
-		s.HitRatio = float64(s.L1.Hits+s.L2.Hits) / float64(total)
+		// L2 counts background refreshes' reads too, which no caller made.
+		s.HitRatio = min(1, float64(s.L1.Hits+s.L2.Hits)/float64(total))
 	}
 	return s
 }
