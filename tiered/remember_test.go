@@ -856,7 +856,10 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 	await(t, loading, "the refresh of m")
 	joined := make(chan string, 2)
 	go func() { v, err := c.Remember(ctx, "k", load); joined <- fmt.Sprint(v, " ", err) }()
-	go func() { got, err := c.RememberMany(ctx, []string{"m"}, batch); joined <- fmt.Sprint(got["m"], " ", err) }()
+	go func() {
+		got, err := c.RememberMany(ctx, []string{"m"}, batch)
+		joined <- fmt.Sprint(got["m"], " ", err)
+	}()
 	waitWaiters(t, c, "k", 1)
 	waitWaiters(t, c, "m", 1)
 	releaseOnce.Do(func() { close(release) })
