@@ -942,7 +942,10 @@ func TestGoMany(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	left := make(chan error)
-	go func() { _, err, _ := g.Do(ctx, "b", time.Minute, func(context.Context) (int, error) { return -1, nil }); left <- err }()
+	go func() {
+		_, err, _ := g.Do(ctx, "b", time.Minute, func(context.Context) (int, error) { return -1, nil })
+		left <- err
+	}()
 	waitWaiters(t, g, "b", 1)
 	cancel()
 	if err := <-left; !errors.Is(err, context.Canceled) {
