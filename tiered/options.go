@@ -186,7 +186,8 @@ type Options struct {
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
 	// tiers. Zero means DefaultNegativeTTL; negative disables negative
-	// caching.
+	// caching: then a refresh (FreshFor) that finds the key gone leaves a
+	// short tombstone (TombstoneTTL) over the stale value instead.
 	NegativeTTL time.Duration
 
 	// DegradedL1TTL is how long L1 keeps a value filled while the

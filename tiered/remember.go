@@ -321,8 +321,12 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	v, err := c.callLoader(ctx, key, load)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		if !noStore && c.opts.NegativeTTL > 0 {
+		switch {
+		case noStore:
+		case c.opts.NegativeTTL > 0:
 			c.storeLoaded(ctx, key, h, s, gen, expect, nil, started)
+		case replace != 0:
+			c.dropRefreshed(ctx, key, gen, expect)
 		}
 		return readResult[V]{negative: true}, nil
 	case err != nil:
@@ -489,6 +493,24 @@ func (c *Cache[V]) storeLoaded(ctx context.Context, key string, h uint64, s snap
 		return
 	}
 	c.fill(key, h, s, *v, payload, raw, ttl)
+}
+
+// dropRefreshed is what a refresh does when the loader says the key is gone
+// and absence is not cached (NegativeTTL < 0): it leaves a tombstone over
+// the write it refreshed (expect), as Delete would, and voids L1 here, so
+// the stale value is served no more; later reads load, and find nothing.
+// Other instances stop when their own copies go stale and their refreshes
+// find the tombstone.
+func (c *Cache[V]) dropRefreshed(ctx context.Context, key string, gen uint64, expect []byte) {
+	defer c.invalidateLocal(key)
+	if c.admit() != nil {
+		return
+	}
+	start := time.Now()
+	l2ctx, cancel := c.opCtx(ctx)
+	err := fillScript.Run(l2ctx, c.rdb, []string{c.dataKey(gen, key)}, expect, tombstone(), max(c.opts.TombstoneTTL.Milliseconds(), 1)).Err()
+	cancel()
+	c.report(start, err)
 }
 
 // fillNegative remembers in L1 that key is absent at the source.
@@ -790,8 +812,12 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			}
 		default:
 			out[rememberKey(k)] = readResult[V]{negative: true}
-			if !noStore[k] && c.opts.NegativeTTL > 0 {
+			switch {
+			case noStore[k]:
+			case c.opts.NegativeTTL > 0:
 				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], nil, started)
+			case replace[k] != 0:
+				c.dropRefreshed(ctx, k, gen, expect[k])
 			}
 		}
 	}

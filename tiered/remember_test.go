@@ -870,6 +870,43 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 	}
 }
 
+// TestRemember_RefreshFindsKeyGone: with absence not cached (NegativeTTL <
+// 0), a refresh whose loader says the key is gone stops the stale value
+// from being served (before, every read served it and loaded again until
+// TTL); Remember and RememberMany alike.
+func TestRemember_RefreshFindsKeyGone(t *testing.T) {
+	c := newCache[string](t, Options{FreshFor: 50 * time.Millisecond, NegativeTTL: -1})
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v1")
+	src.put("m", "v1")
+	batch := src.batch(new([][]string), new(sync.Mutex))
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("Remember = %q, %v", v, err)
+	}
+	if got, err := c.RememberMany(ctx, []string{"m"}, batch); err != nil || got["m"] != "v1" {
+		t.Fatalf("RememberMany = %v, %v", got, err)
+	}
+	src.mu.Lock()
+	delete(src.vals, "k")
+	delete(src.vals, "m")
+	src.mu.Unlock()
+	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	eventually(t, 5*time.Second, "Remember to stop serving the deleted key", func() bool {
+		_, err := c.Remember(ctx, "k", src.load)
+		return errors.Is(err, ErrNotFound)
+	})
+	eventually(t, 5*time.Second, "RememberMany to stop serving the deleted key", func() bool {
+		got, err := c.RememberMany(ctx, []string{"m"}, batch)
+		return err == nil && len(got) == 0
+	})
+	for _, k := range []string{"k", "m"} {
+		if v, ok, err := c.Get(ctx, k); ok || err != nil {
+			t.Fatalf("Get(%s) after the refresh = %q, %v, %v; want a miss", k, v, ok, err)
+		}
+	}
+}
+
 // TestRemember_EagerRefresh: a value read past EagerRefresh of its fresh
 // period is refreshed in the background and never served stale.
 func TestRemember_EagerRefresh(t *testing.T) {
