@@ -86,8 +86,10 @@ type Cache[V any] struct {
 	// hits counts L1 hits: one cell per P, so a hit writes no shared line.
 	hits pcount.Counter
 	// throttle holds, per key, when a failed refresh may be retried
-	// (Options.RetryThrottle); entries go when a refresh succeeds.
+	// (Options.RetryThrottle); entries go when a refresh succeeds, or are
+	// swept once expired (holdOff).
 	throttle sync.Map
+	swept    atomic.Int64 // when throttle was last swept of expired entries (unix ns)
 
 	stripes []atomic.Uint32 // 32 bits: half the cache footprint; a wrap within an entry's life is out of reach
 	nsEpoch atomic.Uint64   // bumped by Clear and received flushes

@@ -115,7 +115,7 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, old V, replace 
 		r, err := c.readThrough(ctx, key, snap, load, replace)
 		if err != nil {
 			c.st.failSafe.Add(1)
-			c.throttle.Store(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
+			c.holdOff(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
 			return readResult[V]{val: old, found: true, stale: true, wid: replace}, nil
 		}
 		c.throttle.Delete(key)
@@ -124,6 +124,26 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, old V, replace 
 	// Go declines while the key has a Get flight in flight (rivalFlight):
 	// the refresh is then skipped, and the next stale hit tries again.
 	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+}
+
+// holdOff keeps key's refreshes off until until (unix ns), after a failed
+// one. Entries whose time has passed are swept at most once per
+// RetryThrottle, by the failing refresh that finds the sweep due: keys
+// that never refresh successfully again (deleted, or no longer read) do
+// not pile up after an outage.
+func (c *Cache[V]) holdOff(key string, until int64) {
+	c.throttle.Store(key, until)
+	now := time.Now().UnixNano()
+	last := c.swept.Load()
+	if now-last < int64(c.opts.RetryThrottle) || !c.swept.CompareAndSwap(last, now) {
+		return
+	}
+	c.throttle.Range(func(k, v any) bool {
+		if v.(int64) <= now {
+			c.throttle.CompareAndDelete(k, v)
+		}
+		return true
+	})
 }
 
 // rememberStale serves a stale value (Options.FreshFor) and refreshes it:
@@ -669,7 +689,7 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load Bat
 				out = make(map[string]readResult[V], len(ks))
 			}
 			for _, k := range ks {
-				c.throttle.Store(k, until)
+				c.holdOff(k, until)
 				if _, ok := out[rememberKey(k)]; !ok {
 					out[rememberKey(k)] = readResult[V]{val: old[k], found: true, stale: true, wid: replace[k]}
 				}

@@ -907,6 +907,43 @@ func TestRemember_RefreshFindsKeyGone(t *testing.T) {
 	}
 }
 
+// TestRemember_ThrottleSwept: the hold-offs of failed refreshes do not pile
+// up: once expired they are swept by a later failure, even for keys never
+// read again.
+func TestRemember_ThrottleSwept(t *testing.T) {
+	c := newCache[string](t, Options{FreshFor: 50 * time.Millisecond, RetryThrottle: 100 * time.Millisecond})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	load := func(_ context.Context, k string) (string, error) {
+		if failing.Load() {
+			return "", errors.New("db down")
+		}
+		return "v", nil
+	}
+	keys := make([]string, 50)
+	for i := range keys {
+		keys[i] = fmt.Sprint("k", i)
+		if _, err := c.Remember(ctx, keys[i], load); err != nil {
+			t.Fatal(err)
+		}
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	for _, k := range keys {
+		_, _ = c.Remember(ctx, k, load) // stale: a refresh that fails
+	}
+	held := func() (n int) {
+		c.throttle.Range(func(any, any) bool { n++; return true })
+		return n
+	}
+	eventually(t, 5*time.Second, "every refresh to fail", func() bool { return held() == len(keys) })
+	time.Sleep(150 * time.Millisecond) // past RetryThrottle: there is no event for it
+	if _, err := c.Remember(ctx, keys[0], load); err != nil { // one more failure sweeps
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the sweep", func() bool { return held() <= 1 })
+}
+
 // TestRemember_EagerRefresh: a value read past EagerRefresh of its fresh
 // period is refreshed in the background and never served stale.
 func TestRemember_EagerRefresh(t *testing.T) {
