@@ -937,7 +937,7 @@ func TestRemember_ThrottleSwept(t *testing.T) {
 		return n
 	}
 	eventually(t, 5*time.Second, "every refresh to fail", func() bool { return held() == len(keys) })
-	time.Sleep(150 * time.Millisecond) // past RetryThrottle: there is no event for it
+	time.Sleep(150 * time.Millisecond)                        // past RetryThrottle: there is no event for it
 	if _, err := c.Remember(ctx, keys[0], load); err != nil { // one more failure sweeps
 		t.Fatal(err)
 	}
