@@ -86,7 +86,7 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 				if now := c.now.Load(); now >= e.fresh {
 					return c.rememberStale(ctx, key, v, e.wid, load)
 				} else if e.eager != 0 && now >= e.eager {
-					c.refreshAsync(ctx, key, e.val, e.wid, load)
+					c.refreshAsync(ctx, key, e.wid, load)
 				}
 			}
 			return v, nil
@@ -100,26 +100,41 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 // RetryThrottle. With Options.Lease one instance of the fleet refreshes;
 // the others find the value still in Redis and keep serving it.
 //
-// replace is the write ID of the value being refreshed (old): the refresh
-// loads only if Redis still holds that write; if another instance has
-// refreshed it already, it takes that value instead. A caller that joins a
-// refresh that fails gets old, marked stale, not the loader's error: it is
-// served fail-safe like the caller that started the refresh.
-func (c *Cache[V]) refreshAsync(ctx context.Context, key string, old V, replace uint64, load Loader[V]) {
+// replace is the write ID of the value being refreshed: the refresh loads
+// only if Redis still holds that write; if another instance has refreshed
+// it already, it takes that value instead. A caller that joins a refresh
+// whose load fails gets the value Redis still holds, marked stale, not the
+// loader's error: it is served fail-safe like the caller that started the
+// refresh. If Redis no longer holds that write (deleted, expired), or the
+// cache is closing, the joiner gets the error.
+func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) {
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
 		return
 	}
 	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
-	refresh := func(ctx context.Context) (readResult[V], error) {
+	refresh := func(ctx context.Context) (_ readResult[V], err error) {
 		c.st.refreshes.Add(1)
+		defer func() {
+			if p := recover(); p != nil { // a panicking loader is held off too
+				c.st.failSafe.Add(1)
+				c.holdOff(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
+				panic(p)
+			}
+		}()
 		r, err := c.readThrough(ctx, key, snap, load, replace)
-		if err != nil {
-			c.st.failSafe.Add(1)
-			c.holdOff(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
-			return readResult[V]{val: old, found: true, stale: true, wid: replace}, nil
+		switch {
+		case err == nil:
+			c.throttle.Delete(key)
+			return r, nil
+		case c.closing.Load():
+			return r, err
 		}
-		c.throttle.Delete(key)
-		return r, nil
+		c.st.failSafe.Add(1)
+		c.holdOff(key, time.Now().Add(c.opts.RetryThrottle).UnixNano())
+		if r.found && r.stale {
+			return r, nil
+		}
+		return r, err
 	}
 	// Go declines while the key has a Get flight in flight (rivalFlight):
 	// the refresh is then skipped, and the next stale hit tries again.
@@ -155,7 +170,7 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
 		return stale, nil
 	}
-	c.refreshAsync(ctx, key, stale, wid, load)
+	c.refreshAsync(ctx, key, wid, load)
 	if c.opts.SoftTimeout <= 0 {
 		return stale, nil
 	}
@@ -249,6 +264,11 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	h := hashKey(key)
 	var expect []byte // the write ID the key held before the load; nil: absent
 	var gen uint64
+	// kept is the value a refresh found Redis still holding (the write it
+	// replaces): what it serves, fail-safe, if its load fails before
+	// keptUntil, when Redis drops it.
+	var kept *V
+	var keptUntil time.Time
 	noStore := c.memoryOnly()
 	if !noStore && c.pending(key) {
 		// This process's write of key is in the outbox: Redis may hold
@@ -301,6 +321,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			case found && replace != 0 && binary.BigEndian.Uint64(raw[4:12]) == replace:
 				c.st.l2Hits.Add(1)
 				expect = raw[4:12] // load, and store only over this very write
+				kept, keptUntil = &val, time.Now().Add(pttl.Val())
 			case found:
 				c.st.l2Hits.Add(1)
 				c.fill(key, h, s, val, payload, raw, pttl.Val())
@@ -349,6 +370,8 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			c.dropRefreshed(ctx, key, gen, expect)
 		}
 		return readResult[V]{negative: true}, nil
+	case err != nil && kept != nil && time.Now().Before(keptUntil):
+		return readResult[V]{val: *kept, found: true, stale: true, wid: replace}, err
 	case err != nil:
 		return readResult[V]{}, err
 	}
@@ -587,16 +610,16 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		return nil, err
 	}
 	defer leave()
-	var refresh []staleKey[V]
+	var refresh []staleKey
 	var hit func(string, *entry[V])
 	if c.opts.FreshFor > 0 {
 		hit = func(k string, e *entry[V]) {
 			switch now := c.now.Load(); {
 			case e.fresh == 0:
 			case now >= e.fresh:
-				refresh = append(refresh, staleKey[V]{key: k, val: e.val, wid: e.wid, stale: true})
+				refresh = append(refresh, staleKey{key: k, wid: e.wid, stale: true})
 			case e.eager != 0 && now >= e.eager:
-				refresh = append(refresh, staleKey[V]{key: k, val: e.val, wid: e.wid})
+				refresh = append(refresh, staleKey{key: k, wid: e.wid})
 			}
 		}
 	}
@@ -629,7 +652,7 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 	err = c.collect(out, missing, results)
 	for i, r := range results {
 		if r.Err == nil && r.Val.found && r.Val.stale {
-			refresh = append(refresh, staleKey[V]{key: missing[i], val: r.Val.val, wid: r.Val.wid, stale: true})
+			refresh = append(refresh, staleKey{key: missing[i], wid: r.Val.wid, stale: true})
 		}
 	}
 	return out, err
@@ -637,9 +660,8 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 
 // staleKey is a key RememberMany answered with a value due for a refresh:
 // stale (past FreshFor), or only past EagerRefresh.
-type staleKey[V any] struct {
+type staleKey struct {
 	key   string
-	val   V      // what was served: what a failed refresh keeps serving
 	wid   uint64 // the write ID the refresh replaces
 	stale bool
 }
@@ -649,14 +671,13 @@ type staleKey[V any] struct {
 // held off by RetryThrottle, in one run and one call of load, each stored
 // only over the write it replaces. A failed refresh keeps the values
 // (fail-safe) and holds off those keys for RetryThrottle.
-func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load BatchLoader[V]) {
+func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchLoader[V]) {
 	if len(keys) == 0 {
 		return
 	}
 	now := time.Now().UnixNano()
 	var fkeys []string
 	replace := make(map[string]uint64, len(keys))
-	old := make(map[string]V, len(keys))
 	snaps := make(map[string]snapshot, len(keys))
 	for _, k := range keys {
 		if k.stale {
@@ -669,7 +690,6 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load Bat
 			continue
 		}
 		replace[k.key] = k.wid
-		old[k.key] = k.val
 		snaps[k.key] = c.snap(hashKey(k.key)) // before the flight exists (see readL2)
 		fkeys = append(fkeys, rememberKey(k.key))
 	}
@@ -681,17 +701,20 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load Bat
 		c.st.refreshes.Add(uint64(len(ks)))
 		out, err := c.readThroughMany(ctx, ks, snaps, load, replace)
 		if err != nil {
-			// Fail-safe, for the callers that joined too: keys the load
-			// did not settle keep the values they had.
+			if c.closing.Load() {
+				return out, err
+			}
 			c.st.failSafe.Add(uint64(len(ks)))
 			until := time.Now().Add(c.opts.RetryThrottle).UnixNano()
-			if out == nil {
-				out = make(map[string]readResult[V], len(ks))
-			}
 			for _, k := range ks {
 				c.holdOff(k, until)
+			}
+			// Fail-safe, for the callers that joined too, if every key
+			// has a value to serve: one Redis still held (or took from
+			// another instance's refresh). Otherwise they get the error.
+			for _, k := range ks {
 				if _, ok := out[rememberKey(k)]; !ok {
-					out[rememberKey(k)] = readResult[V]{val: old[k], found: true, stale: true, wid: replace[k]}
+					return out, err
 				}
 			}
 			return out, nil
@@ -713,6 +736,7 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey[V], load Bat
 func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map[string]snapshot, load BatchLoader[V], replace map[string]uint64) (map[string]readResult[V], error) {
 	out := make(map[string]readResult[V], len(keys))
 	expect := make(map[string][]byte, len(keys))
+	keptUntil := make(map[string]time.Time) // a refresh's stale values: until when Redis holds them
 	noStore := make(map[string]bool)
 	var gen uint64
 	// Keys this process's failed writes left in the outbox: Redis may hold
@@ -785,6 +809,10 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 					c.st.l2Hits.Add(1)
 					expect[k] = raw[4:12] // load, and store only over this very write
 					toLoad = append(toLoad, k)
+					// What a failed refresh serves, fail-safe, while Redis
+					// still holds it.
+					out[rememberKey(k)] = readResult[V]{val: val, found: true, stale: true, wid: replace[k]}
+					keptUntil[k] = time.Now().Add(ttls[i].Val())
 				case found:
 					c.st.l2Hits.Add(1)
 					c.fill(k, h, snaps[k], val, payload, raw, ttls[i].Val())
@@ -815,6 +843,13 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 	started := time.Now()
 	vals, err := c.callBatchLoader(ctx, toLoad, load)
 	if err != nil {
+		// With a refresh, out holds the stale values it may serve, but
+		// not those Redis has dropped since.
+		for k, until := range keptUntil {
+			if !time.Now().Before(until) {
+				delete(out, rememberKey(k))
+			}
+		}
 		return out, err
 	}
 	for _, k := range toLoad {

@@ -997,3 +997,122 @@ func stampede(f []*instance[string], src *source) int32 {
 	wg.Wait()
 	return bad.Load()
 }
+
+// A caller that joins a failing refresh with CopyOnRead gets a copy of the
+// value Redis holds, not the copy (and the changes) of the caller that
+// started the refresh.
+func TestRemember_FailSafeJoinerGetsItsOwnCopy(t *testing.T) {
+	c := newCache[map[string]string](t, Options{Mode: ModeRedis, CopyOnRead: true, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	loading, release := make(chan struct{}, 4), make(chan struct{})
+	load := func(context.Context, string) (map[string]string, error) {
+		if !failing.Load() {
+			return map[string]string{"name": "v1"}, nil
+		}
+		loading <- struct{}{}
+		<-release
+		return nil, errors.New("db down")
+	}
+	if _, err := c.Remember(ctx, "k", load); err != nil {
+		t.Fatal(err)
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond)
+	a, err := c.Remember(ctx, "k", load) // stale: served, starts the refresh
+	if err != nil || a["name"] != "v1" {
+		t.Fatalf("A = %v, %v", a, err)
+	}
+	await(t, loading, "the refresh")
+	a["name"] = "MUTATED BY CALLER A" // A owns its copy (CopyOnRead)
+	got := make(chan string, 1)
+	go func() { b, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(b["name"], " ", err) }()
+	waitWaiters(t, c, "k", 1)
+	close(release)
+	if g := <-got; g != "v1 <nil>" {
+		t.Fatalf("joiner B got %q; want v1 (A's private mutation leaked)", g)
+	}
+}
+
+// A loader that panics in a refresh is held off for RetryThrottle like one
+// that fails, and the stale value keeps being served; the refresh's joiner
+// gets the panic.
+func TestRemember_PanickingRefreshHeldOff(t *testing.T) {
+	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	var calls atomic.Int32
+	loading, release := make(chan struct{}, 16), make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	load := func(context.Context, string) (string, error) {
+		if !failing.Load() {
+			return "v1", nil
+		}
+		calls.Add(1)
+		loading <- struct{}{}
+		<-release
+		panic("boom")
+	}
+	if _, err := c.Remember(ctx, "k", load); err != nil {
+		t.Fatal(err)
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond)
+	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+		t.Fatalf("stale = %q, %v", v, err)
+	}
+	await(t, loading, "refresh")
+	got := make(chan error, 1)
+	go func() { _, err := c.Remember(ctx, "k", load); got <- err }()
+	waitWaiters(t, c, "k", 1)
+	once.Do(func() { close(release) })
+	jerr := <-got
+	if pe := (*PanicError)(nil); !errors.As(jerr, &pe) {
+		t.Fatalf("the joiner of the panicking refresh got %v; want a *PanicError", jerr)
+	}
+	for range 3 {
+		if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+			t.Fatalf("stale read after the panic = %q, %v; want v1, fail-safe", v, err)
+		}
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("panicking loader called %d times; want 1 (held off for RetryThrottle)", n)
+	}
+}
+
+// Fail-safe ends with the key's TTL: a caller that joins a failing refresh
+// after Redis has dropped the stale value gets the error, not that value.
+func TestRemember_FailSafeEndsWithTTL(t *testing.T) {
+	c := newCache[string](t, Options{Mode: ModeRedis, TTL: 300 * time.Millisecond, TTLJitter: -1, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	loading, release := make(chan struct{}, 4), make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	load := func(context.Context, string) (string, error) {
+		if !failing.Load() {
+			return "v1", nil
+		}
+		loading <- struct{}{}
+		<-release
+		return "", errors.New("db down")
+	}
+	if _, err := c.Remember(ctx, "k", load); err != nil {
+		t.Fatal(err)
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond)
+	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+		t.Fatalf("stale = %q, %v", v, err)
+	}
+	await(t, loading, "refresh")
+	time.Sleep(400 * time.Millisecond) // past TTL: the key is gone from Redis
+	got := make(chan string, 1)
+	go func() { v, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(v, " ", err) }()
+	waitWaiters(t, c, "k", 1)
+	once.Do(func() { close(release) })
+	if g := <-got; g == "v1 <nil>" {
+		t.Fatalf("a caller that joined the failing refresh after the key's TTL got the expired value v1")
+	}
+}
