@@ -809,6 +809,35 @@ func TestRemember_FailSafe(t *testing.T) {
 	}
 }
 
+// failGate makes a test loader fail on demand: until failing is set it
+// answers, after that each call signals loading and waits for release (or
+// the test's end) before it fails, so a test can act while a refresh hangs.
+type failGate struct {
+	failing atomic.Bool
+	loading chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func newFailGate(t *testing.T) *failGate {
+	g := &failGate{loading: make(chan struct{}, 16), release: make(chan struct{})}
+	t.Cleanup(g.open)
+	return g
+}
+
+// hold is what a loader calls first: it reports whether to fail, having
+// waited for release if so.
+func (g *failGate) hold() bool {
+	if !g.failing.Load() {
+		return false
+	}
+	g.loading <- struct{}{}
+	<-g.release
+	return true
+}
+
+func (g *failGate) open() { g.once.Do(func() { close(g.release) }) }
+
 // TestRemember_FailSafeForJoiners: a caller that finds no stale value of its
 // own (no L1 here) and joins a refresh that fails gets the stale value, as
 // the caller that started the refresh does, not the loader's error; the
@@ -816,17 +845,12 @@ func TestRemember_FailSafe(t *testing.T) {
 func TestRemember_FailSafeForJoiners(t *testing.T) {
 	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
-	var failing atomic.Bool
-	loading, release := make(chan struct{}, 16), make(chan struct{})
-	var releaseOnce sync.Once
-	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	g := newFailGate(t)
 	load := func(context.Context, string) (string, error) {
-		if !failing.Load() {
-			return "v1", nil
+		if g.hold() {
+			return "", errors.New("db down")
 		}
-		loading <- struct{}{}
-		<-release
-		return "", errors.New("db down")
+		return "v1", nil
 	}
 	batch := func(ctx context.Context, keys []string) (map[string]string, error) {
 		out := map[string]string{}
@@ -844,7 +868,7 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 			t.Fatalf("Remember(%s) = %q, %v", k, v, err)
 		}
 	}
-	failing.Store(true)
+	g.failing.Store(true)
 	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
 	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
 		t.Fatalf("stale Remember = %q, %v; want v1 at once", v, err)
@@ -852,8 +876,8 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 	if got, err := c.RememberMany(ctx, []string{"m"}, batch); err != nil || got["m"] != "v1" {
 		t.Fatalf("stale RememberMany = %v, %v; want v1 at once", got, err)
 	}
-	await(t, loading, "the refresh of k")
-	await(t, loading, "the refresh of m")
+	await(t, g.loading, "the refresh of k")
+	await(t, g.loading, "the refresh of m")
 	joined := make(chan string, 2)
 	go func() { v, err := c.Remember(ctx, "k", load); joined <- fmt.Sprint(v, " ", err) }()
 	go func() {
@@ -862,7 +886,7 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 	}()
 	waitWaiters(t, c, "k", 1)
 	waitWaiters(t, c, "m", 1)
-	releaseOnce.Do(func() { close(release) })
+	g.open()
 	for range 2 {
 		if got := <-joined; got != "v1 <nil>" {
 			t.Fatalf("a caller that joined the failing refresh got %q; want the stale v1", got)
@@ -1004,33 +1028,30 @@ func stampede(f []*instance[string], src *source) int32 {
 func TestRemember_FailSafeJoinerGetsItsOwnCopy(t *testing.T) {
 	c := newCache[map[string]string](t, Options{Mode: ModeRedis, CopyOnRead: true, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
-	var failing atomic.Bool
-	loading, release := make(chan struct{}, 4), make(chan struct{})
+	g := newFailGate(t)
 	load := func(context.Context, string) (map[string]string, error) {
-		if !failing.Load() {
-			return map[string]string{"name": "v1"}, nil
+		if g.hold() {
+			return nil, errors.New("db down")
 		}
-		loading <- struct{}{}
-		<-release
-		return nil, errors.New("db down")
+		return map[string]string{"name": "v1"}, nil
 	}
 	if _, err := c.Remember(ctx, "k", load); err != nil {
 		t.Fatal(err)
 	}
-	failing.Store(true)
+	g.failing.Store(true)
 	time.Sleep(80 * time.Millisecond)
 	a, err := c.Remember(ctx, "k", load) // stale: served, starts the refresh
 	if err != nil || a["name"] != "v1" {
 		t.Fatalf("A = %v, %v", a, err)
 	}
-	await(t, loading, "the refresh")
+	await(t, g.loading, "the refresh")
 	a["name"] = "MUTATED BY CALLER A" // A owns its copy (CopyOnRead)
 	got := make(chan string, 1)
 	go func() { b, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(b["name"], " ", err) }()
 	waitWaiters(t, c, "k", 1)
-	close(release)
-	if g := <-got; g != "v1 <nil>" {
-		t.Fatalf("joiner B got %q; want v1 (A's private mutation leaked)", g)
+	g.open()
+	if b := <-got; b != "v1 <nil>" {
+		t.Fatalf("joiner B got %q; want v1 (A's private mutation leaked)", b)
 	}
 }
 
@@ -1040,33 +1061,30 @@ func TestRemember_FailSafeJoinerGetsItsOwnCopy(t *testing.T) {
 func TestRemember_PanickingRefreshHeldOff(t *testing.T) {
 	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
-	var failing atomic.Bool
+	g := newFailGate(t)
 	var calls atomic.Int32
-	loading, release := make(chan struct{}, 16), make(chan struct{})
-	var once sync.Once
-	t.Cleanup(func() { once.Do(func() { close(release) }) })
 	load := func(context.Context, string) (string, error) {
-		if !failing.Load() {
-			return "v1", nil
+		if g.failing.Load() {
+			calls.Add(1)
 		}
-		calls.Add(1)
-		loading <- struct{}{}
-		<-release
-		panic("boom")
+		if g.hold() {
+			panic("boom")
+		}
+		return "v1", nil
 	}
 	if _, err := c.Remember(ctx, "k", load); err != nil {
 		t.Fatal(err)
 	}
-	failing.Store(true)
+	g.failing.Store(true)
 	time.Sleep(80 * time.Millisecond)
 	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
 		t.Fatalf("stale = %q, %v", v, err)
 	}
-	await(t, loading, "refresh")
+	await(t, g.loading, "refresh")
 	got := make(chan error, 1)
 	go func() { _, err := c.Remember(ctx, "k", load); got <- err }()
 	waitWaiters(t, c, "k", 1)
-	once.Do(func() { close(release) })
+	g.open()
 	jerr := <-got
 	if pe := (*PanicError)(nil); !errors.As(jerr, &pe) {
 		t.Fatalf("the joiner of the panicking refresh got %v; want a *PanicError", jerr)
@@ -1086,32 +1104,27 @@ func TestRemember_PanickingRefreshHeldOff(t *testing.T) {
 func TestRemember_FailSafeEndsWithTTL(t *testing.T) {
 	c := newCache[string](t, Options{Mode: ModeRedis, TTL: 300 * time.Millisecond, TTLJitter: -1, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
-	var failing atomic.Bool
-	loading, release := make(chan struct{}, 4), make(chan struct{})
-	var once sync.Once
-	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	g := newFailGate(t)
 	load := func(context.Context, string) (string, error) {
-		if !failing.Load() {
-			return "v1", nil
+		if g.hold() {
+			return "", errors.New("db down")
 		}
-		loading <- struct{}{}
-		<-release
-		return "", errors.New("db down")
+		return "v1", nil
 	}
 	if _, err := c.Remember(ctx, "k", load); err != nil {
 		t.Fatal(err)
 	}
-	failing.Store(true)
+	g.failing.Store(true)
 	time.Sleep(80 * time.Millisecond)
 	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
 		t.Fatalf("stale = %q, %v", v, err)
 	}
-	await(t, loading, "refresh")
+	await(t, g.loading, "refresh")
 	time.Sleep(400 * time.Millisecond) // past TTL: the key is gone from Redis
 	got := make(chan string, 1)
 	go func() { v, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(v, " ", err) }()
 	waitWaiters(t, c, "k", 1)
-	once.Do(func() { close(release) })
+	g.open()
 	if g := <-got; g == "v1 <nil>" {
 		t.Fatalf("a caller that joined the failing refresh after the key's TTL got the expired value v1")
 	}
