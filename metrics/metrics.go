@@ -107,9 +107,11 @@ type Cache struct {
 	opDur  metric.Float64Histogram
 	ldDur  metric.Float64Histogram
 	reg    metric.Registration
-	// Precomputed attribute sets, per operation and outcome.
-	opSets map[string][2]metric.MeasurementOption
-	ldSets map[string]metric.MeasurementOption
+	// Precomputed attribute sets, per operation and outcome, as the
+	// one-element option lists Record takes (a list built per call would be
+	// allocated).
+	opSets map[string][2][]metric.RecordOption
+	ldSets map[string][]metric.RecordOption
 }
 
 // durationBuckets suit cache operations: 50 µs to 10 s.
@@ -137,16 +139,16 @@ func NewCache(p Providers, ns string, snap func() CacheSnapshot) (*Cache, error)
 		metric.WithExplicitBucketBoundaries(durationBuckets...))
 	add(err)
 
-	t.opSets = make(map[string][2]metric.MeasurementOption)
+	t.opSets = make(map[string][2][]metric.RecordOption)
 	for _, op := range []string{OpGet, OpGetMany, OpExists, OpSet, OpSetMany, OpDelete, OpDeleteMany, OpClear, OpDeletePattern, OpRemember, OpRememberMany} {
-		t.opSets[op] = [2]metric.MeasurementOption{
-			metric.WithAttributeSet(attribute.NewSet(t.ns, KeyOperation.String(op), KeyResult.String("ok"))),
-			metric.WithAttributeSet(attribute.NewSet(t.ns, KeyOperation.String(op), KeyResult.String("error"))),
+		t.opSets[op] = [2][]metric.RecordOption{
+			{metric.WithAttributeSet(attribute.NewSet(t.ns, KeyOperation.String(op), KeyResult.String("ok")))},
+			{metric.WithAttributeSet(attribute.NewSet(t.ns, KeyOperation.String(op), KeyResult.String("error")))},
 		}
 	}
-	t.ldSets = make(map[string]metric.MeasurementOption)
+	t.ldSets = make(map[string][]metric.RecordOption)
 	for _, r := range []string{"ok", "not_found", "error", "panic"} {
-		t.ldSets[r] = metric.WithAttributeSet(attribute.NewSet(t.ns, KeyResult.String(r)))
+		t.ldSets[r] = []metric.RecordOption{metric.WithAttributeSet(attribute.NewSet(t.ns, KeyResult.String(r)))}
 	}
 
 	requests, err := m.Int64ObservableCounter("tiercache.requests", metric.WithUnit("{request}"),
@@ -246,7 +248,7 @@ func (t *Cache) Op(ctx context.Context, op string, start time.Time, err error) {
 	if err != nil {
 		i = 1
 	}
-	t.opDur.Record(ctx, time.Since(start).Seconds(), sets[i])
+	t.opDur.Record(ctx, time.Since(start).Seconds(), sets[i]...)
 }
 
 // Load records a loader call of result "ok", "not_found", "error" or
@@ -256,7 +258,7 @@ func (t *Cache) Load(ctx context.Context, start time.Time, result string) {
 		return
 	}
 	if set, ok := t.ldSets[result]; ok {
-		t.ldDur.Record(ctx, time.Since(start).Seconds(), set)
+		t.ldDur.Record(ctx, time.Since(start).Seconds(), set...)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"sync"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -45,13 +46,51 @@ func (jsonCodec) ID() byte { return codecJSON }
 // is U+2028 and U+2029, which encoding/json always escapes; both sides
 // parse either form to the same string.
 func (jsonCodec) Marshal(v any) ([]byte, error) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
+	e := getJSONEncoder()
+	defer putJSONEncoder(e)
+	p, err := e.encode(v)
+	if err != nil {
 		return nil, err
 	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'}), nil
+	return bytes.Clone(p), nil
+}
+
+// jsonEncoder is a JSON encoder with its buffer, reused through a pool: a
+// write would otherwise allocate both, and grow the buffer, every time.
+type jsonEncoder struct {
+	buf    bytes.Buffer
+	enc    *json.Encoder
+	failed bool // not reused: nothing promises an Encoder is clean after an error
+}
+
+var jsonEncoders sync.Pool
+
+func getJSONEncoder() *jsonEncoder {
+	if e, ok := jsonEncoders.Get().(*jsonEncoder); ok {
+		return e
+	}
+	e := new(jsonEncoder)
+	e.enc = json.NewEncoder(&e.buf)
+	e.enc.SetEscapeHTML(false)
+	return e
+}
+
+// putJSONEncoder returns e to the pool, unless it failed or its buffer grew
+// past 64 KiB: one large value should not pin that much memory for good.
+func putJSONEncoder(e *jsonEncoder) {
+	if !e.failed && e.buf.Cap() <= 64<<10 {
+		jsonEncoders.Put(e)
+	}
+}
+
+// encode returns v's encoding, which is valid until e's next use.
+func (e *jsonEncoder) encode(v any) ([]byte, error) {
+	e.buf.Reset()
+	if err := e.enc.Encode(v); err != nil {
+		e.failed = true
+		return nil, err
+	}
+	return bytes.TrimSuffix(e.buf.Bytes(), []byte{'\n'}), nil
 }
 
 func (jsonCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }

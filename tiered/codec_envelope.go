@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -12,6 +13,39 @@ import (
 
 	"github.com/tiercache/tiercache/internal/wire"
 )
+
+// encodeRaw returns the bytes stored in Redis for v: encodeValue without
+// the payload, which lets the built-in JSON codec encode into a reused
+// buffer, so that the stored bytes are the one allocation.
+func (c *Cache[V]) encodeRaw(v V) ([]byte, error) {
+	if _, ok := c.opts.Codec.(jsonCodec); !ok {
+		raw, _, err := c.encodeValue(v)
+		return raw, err
+	}
+	e := getJSONEncoder()
+	defer putJSONEncoder(e)
+	payload, err := e.encode(v)
+	if err != nil {
+		return nil, fmt.Errorf("tiered: encode: %w", err)
+	}
+	if len(payload) > c.opts.MaxValueSize {
+		return nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+	}
+	if c.opts.PlainJSON {
+		return bytes.Clone(payload), nil
+	}
+	return c.envelope(payload)
+}
+
+// envelope wraps an encoded payload in a new envelope (wire.AppendEnvelope
+// copies it, compressed when it is large).
+func (c *Cache[V]) envelope(payload []byte) ([]byte, error) {
+	env := wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}
+	if c.opts.FreshFor > 0 {
+		env.FreshUntil = time.Now().Add(c.opts.FreshFor).UnixMilli()
+	}
+	return wire.AppendEnvelope(nil, env, c.opts.CompressAbove)
+}
 
 // encodeValue returns the bytes stored in Redis for v, and the codec's
 // payload inside them.
@@ -26,11 +60,7 @@ func (c *Cache[V]) encodeValue(v V) (raw, payload []byte, err error) {
 	if c.opts.PlainJSON {
 		return payload, payload, nil
 	}
-	env := wire.Envelope{Codec: c.opts.Codec.ID(), WriteID: writeID(), Payload: payload}
-	if c.opts.FreshFor > 0 {
-		env.FreshUntil = time.Now().Add(c.opts.FreshFor).UnixMilli()
-	}
-	raw, err = wire.AppendEnvelope(nil, env, c.opts.CompressAbove)
+	raw, err = c.envelope(payload)
 	return raw, payload, err
 }
 

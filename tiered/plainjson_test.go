@@ -1,6 +1,9 @@
 package tiered
 
 import (
+	"fmt"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -53,4 +56,39 @@ func TestPlainJSON_SharesL2WithNode(t *testing.T) {
 	if err != nil || !ok || got.ID != 7 || got.Name != "from node" {
 		t.Fatalf("Get(node-written) = %+v, %v, %v", got, ok, err)
 	}
+}
+
+// TestJSONCodec_PooledEncoder: the JSON codec reuses encoders, so a failed
+// encode must not leak into the next one, results must not share a buffer,
+// and concurrent encodes must not see each other's bytes. Output is what
+// JSON.stringify writes (no HTML escaping, no trailing newline).
+func TestJSONCodec_PooledEncoder(t *testing.T) {
+	if _, err := JSON.Marshal(map[string]any{"f": func() {}}); err == nil {
+		t.Fatal("Marshal of a func: no error")
+	}
+	first, err := JSON.Marshal(map[string]string{"a": "<b>&"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := JSON.Marshal(map[string]string{"z": "y"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(first) != `{"a":"<b>&"}` || string(second) != `{"z":"y"}` {
+		t.Fatalf("Marshal = %s, %s; want {\"a\":\"<b>&\"}, {\"z\":\"y\"} (the first must not change when the encoder is reused)", first, second)
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 300 {
+				got, err := JSON.Marshal(user{ID: g*1000 + i, Name: strings.Repeat("x", i%50)})
+				want := fmt.Sprintf(`{"id":%d,"name":%q,"roles":null}`, g*1000+i, strings.Repeat("x", i%50))
+				if err != nil || string(got) != want {
+					t.Errorf("Marshal = %s, %v; want %s", got, err, want)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
