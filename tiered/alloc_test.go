@@ -139,9 +139,9 @@ func TestL1HitsCountedExactly(t *testing.T) {
 
 // TestSetAllocs keeps what Set allocates beyond the bare transaction it
 // sends (MULTI, SET of the encoded value, PUBLISH of the invalidation,
-// EXEC, through go-redis) in check: 13 when written, 25 before Set got a
-// write path without per-batch slices and closures, a pooled JSON encoder
-// and prebuilt metric options. Measured beside the bare transaction, so that
+// EXEC, through go-redis) in check: 12 when written, 25 before Set got a
+// write path without per-batch slices and closures, a pooled JSON encoder,
+// prebuilt metric options and an enter without a closure. Measured beside the bare transaction, so that
 // go-redis's own count does not matter; what is left is the encoding, the
 // CommandTimeout context, the span, the key and the message.
 func TestSetAllocs(t *testing.T) {
@@ -179,7 +179,7 @@ func TestSetAllocs(t *testing.T) {
 		}
 	})
 	t.Logf("allocations per write: Set %.1f, bare transaction %.1f", ours, bare)
-	if extra := ours - bare; extra > 14 {
-		t.Errorf("Set allocates %.1f more than the bare transaction (%.1f against %.1f); at most 14", extra, ours, bare)
+	if extra := ours - bare; extra > 13 {
+		t.Errorf("Set allocates %.1f more than the bare transaction (%.1f against %.1f); at most 13", extra, ours, bare)
 	}
 }

@@ -29,11 +29,10 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, 
 	if err := c.checkKeys(keys); err != nil {
 		return nil, err
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return nil, err
 	}
-	defer leave()
+	defer c.leave()
 	out, missing, err := c.l1Many(keys, nil)
 	if err != nil {
 		return out, err
@@ -185,11 +184,10 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 		}
 		payloads = append(payloads, raw)
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return err
 	}
-	defer leave()
+	defer c.leave()
 	if c.memoryOnly() {
 		for i, k := range keys {
 			c.setMemory(k, vals[i], payloads[i], ttl)
@@ -201,7 +199,7 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 	if len(keys) != 1 {
 		op = metrics.OpSetMany
 	}
-	err = c.write(ctx, op, keys, writeItems{payloads: payloads, ttl: ttl})
+	err := c.write(ctx, op, keys, writeItems{payloads: payloads, ttl: ttl})
 	if err != nil && c.l1 != nil && degraded(c.snap(0)) && c.opts.DegradedL1TTL > 0 {
 		// Redis is unhealthy: serve what was written from L1 for the
 		// degraded bound (automatic memory-only operation); the outbox
@@ -218,11 +216,10 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 	if err := c.checkKeys(keys); err != nil {
 		return err
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return err
 	}
-	defer leave()
+	defer c.leave()
 	if c.memoryOnly() {
 		for _, k := range keys {
 			c.invalidateLocal(k)

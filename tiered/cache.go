@@ -384,11 +384,10 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if err := c.checkKey(key); err != nil {
 		return v, false, err
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return v, false, err
 	}
-	defer leave()
+	defer c.leave()
 	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
 	}
@@ -695,11 +694,10 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if err := c.checkKey(key); err != nil {
 		return false, err
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return false, err
 	}
-	defer leave()
+	defer c.leave()
 	if c.l1 != nil {
 		h := xxhash.Sum64String(key)
 		if e, hit := c.l1.Get(h); hit && c.valid(e, h, key) {
@@ -803,16 +801,20 @@ func (c *Cache[V]) dataKey(gen uint64, key string) string {
 // shard is the shard channel of key on a sharded Bus.
 func (c *Cache[V]) shard(key string) int { return int(hashKey(key) % uint64(len(c.tags))) }
 
-// enter admits a slow-path call unless the cache is closing; leave must be
-// called when it is done.
-func (c *Cache[V]) enter() (leave func(), err error) {
+// enter admits a slow-path call unless the cache is closing; when it
+// returns nil, leave must be called once the call is done. (It returns no
+// leave func: a method value returned would be allocated on every call.)
+func (c *Cache[V]) enter() error {
 	c.mu.RLock()
 	if c.closing.Load() {
 		c.mu.RUnlock()
-		return nil, ErrClosed
+		return ErrClosed
 	}
-	return c.mu.RUnlock, nil
+	return nil
 }
+
+// leave ends a call that enter admitted.
+func (c *Cache[V]) leave() { c.mu.RUnlock() }
 
 // opCtx bounds one Redis round trip by Options.CommandTimeout. A ctx whose
 // own deadline comes first already bounds it, and is used as it is: a timer
@@ -917,11 +919,10 @@ func (c *Cache[V]) teardown() (dropped int) {
 type handler[V any] struct{ c *Cache[V] }
 
 func (h handler[V]) Invalidate(keys []string) {
-	leave, err := h.c.enter()
-	if err != nil {
+	if err := h.c.enter(); err != nil {
 		return
 	}
-	defer leave()
+	defer h.c.leave()
 	if h.c.beforeApply != nil {
 		h.c.beforeApply()
 	}
@@ -934,11 +935,10 @@ func (h handler[V]) Invalidate(keys []string) {
 }
 
 func (h handler[V]) Flush(gen uint64) {
-	leave, err := h.c.enter()
-	if err != nil {
+	if err := h.c.enter(); err != nil {
 		return
 	}
-	defer leave()
+	defer h.c.leave()
 	h.c.nsGen.Store(gen)
 	h.c.invalidateAll()
 	if h.c.afterApply != nil {
@@ -950,11 +950,10 @@ func (h handler[V]) Flush(gen uint64) {
 // is read from Redis (the message's is not authenticated), then the
 // namespace's L1 is voided.
 func (h handler[V]) FlushResync(ctx context.Context) error {
-	leave, err := h.c.enter()
-	if err != nil {
+	if err := h.c.enter(); err != nil {
 		return nil
 	}
-	defer leave()
+	defer h.c.leave()
 	if !h.c.opts.PlainJSON {
 		if err := h.c.resync(ctx); err != nil {
 			return err
@@ -970,11 +969,10 @@ func (h handler[V]) FlushResync(ctx context.Context) error {
 var _ invalidate.FlushResyncer = handler[int]{}
 
 func (h handler[V]) Resync(ctx context.Context) error {
-	leave, err := h.c.enter()
-	if err != nil {
+	if err := h.c.enter(); err != nil {
 		return nil
 	}
-	defer leave()
+	defer h.c.leave()
 	// The Bus moves to a new epoch after this, which voids every entry;
 	// reads in flight from before the gap must not be joined either.
 	h.c.flights.ForgetAll(nil)

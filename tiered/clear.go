@@ -45,11 +45,10 @@ return g`)
 // keys carry no generation, Clear deletes the prefix's keys with SCAN and
 // UNLINK instead.
 func (c *Cache[V]) Clear(ctx context.Context) error {
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return err
 	}
-	defer leave()
+	defer c.leave()
 	defer c.invalidateAll()
 	if c.memoryOnly() {
 		if c.bus != nil {
@@ -58,7 +57,7 @@ func (c *Cache[V]) Clear(ctx context.Context) error {
 		return nil
 	}
 	start := time.Now()
-	err = c.admit()
+	err := c.admit()
 	if err == nil {
 		err = c.clearRedis(ctx)
 		c.report(start, err)
@@ -107,11 +106,10 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	if pattern == "" {
 		return 0, fmt.Errorf("%w: empty pattern", ErrInvalidKey)
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return 0, err
 	}
-	defer leave()
+	defer c.leave()
 	if c.memoryOnly() {
 		c.invalidateAll() // L1 cannot be scanned by pattern: drop it all
 		if c.bus != nil {

@@ -108,11 +108,10 @@ func (c *Cache[V]) SetMode(m Mode) error {
 	default:
 		return fmt.Errorf("tiered: cannot switch to %v mode (only tiered and memory)", m)
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return err
 	}
-	defer leave()
+	defer c.leave()
 	if c.forced.Swap(m == ModeMemory) != (m == ModeMemory) {
 		c.invalidateAll()
 	}
@@ -142,14 +141,14 @@ func (c *Cache[V]) deferKeys(keys []string) {
 // it is probing for.
 func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error {
 	c := h.c
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return invalidate.ErrNotReplayed // closing: its Shutdown drops what is left
 	}
-	defer leave()
+	defer c.leave()
 	if c.beforeReplay != nil {
 		c.beforeReplay()
 	}
+	var err error
 	if flush {
 		err = c.clearRedis(ctx)
 	} else {

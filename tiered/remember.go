@@ -202,11 +202,10 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 	if load == nil {
 		return v, errors.New("tiered: nil Loader")
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return v, err
 	}
-	defer leave()
+	defer c.leave()
 	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
 	}
@@ -605,11 +604,10 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 	if load == nil {
 		return nil, errors.New("tiered: nil BatchLoader")
 	}
-	leave, err := c.enter()
-	if err != nil {
+	if err := c.enter(); err != nil {
 		return nil, err
 	}
-	defer leave()
+	defer c.leave()
 	var refresh []staleKey
 	var hit func(string, *entry[V])
 	if c.opts.FreshFor > 0 {

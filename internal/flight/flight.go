@@ -67,6 +67,18 @@ type run struct {
 	pinned  bool
 	cancel  context.CancelFunc
 	keys    []string
+	one     [1]string // keys' storage for a run of one key: no allocation of its own
+}
+
+// newRun returns a run of n keys, which the caller fills in.
+func newRun(cancel context.CancelFunc, n int) *run {
+	r := &run{cancel: cancel}
+	if n == 1 {
+		r.keys = r.one[:]
+	} else {
+		r.keys = make([]string, n)
+	}
+	return r
 }
 
 // Group runs at most one function per key at a time. The zero value is not
@@ -226,7 +238,8 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 	c := &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 	g.calls[key] = c
 	runCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
-	r := &run{cancel: cancel, keys: []string{key}, waiters: 1}
+	r := newRun(cancel, 1)
+	r.keys[0], r.waiters = key, 1
 	c.run = r
 	g.runs[r] = struct{}{}
 	g.wg.Add(1)
@@ -477,7 +490,7 @@ func (g *Group[T]) start(ctx context.Context, calls []*call[T], timeout time.Dur
 	} else {
 		runCtx, cancel = context.WithCancel(context.WithoutCancel(ctx))
 	}
-	r := &run{cancel: cancel, keys: make([]string, len(calls))}
+	r := newRun(cancel, len(calls))
 	for i, c := range calls {
 		c.run = r
 		r.waiters += c.waiters
