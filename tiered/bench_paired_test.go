@@ -295,10 +295,7 @@ func BenchmarkSetPaired(b *testing.B) {
 // writer, in the pairing of BenchmarkSetPaired: a bare SET against the bare
 // MULTI SET PUBLISH EXEC publishing to a channel nobody subscribes to
 // (nosub-ratio), to this process's own Bus (self-ratio), and to a
-// redis-cli in another process (ext-ratio). Redis writes replies in the
-// reverse order of the clients' first output in an event-loop pass, so the
-// writer, whose MULTI was answered first, gets its reply after every
-// subscriber's message has been written.
+// redis-cli in another process (ext-ratio).
 func BenchmarkFanoutPaired(b *testing.B) {
 	cli, err := exec.LookPath("redis-cli")
 	if err != nil {
