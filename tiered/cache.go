@@ -614,10 +614,12 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 	}
 	e := &entry[V]{key: key, val: val, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
 		expires: expiry(ttl), cost: int64(len(raw) + len(key) + entryCost)}
-	e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
-	if e.fresh != 0 && c.opts.EagerRefresh > 0 {
-		e.eager = e.fresh - int64((1-c.opts.EagerRefresh)*float64(c.opts.FreshFor))
+	if raw != nil {
+		e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
+	} else {
+		e.fresh, e.wid = c.localFreshness() // loaded, and kept in L1 alone
 	}
+	c.setEager(e)
 	if c.opts.CopyOnRead {
 		e.raw = payload
 	}
@@ -625,6 +627,24 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 		c.beforeL1Store(key)
 	}
 	c.store(h, e)
+}
+
+// setEager sets, with EagerRefresh, when a hit on e starts a background
+// refresh, from when e goes stale.
+func (c *Cache[V]) setEager(e *entry[V]) {
+	if e.fresh != 0 && c.opts.EagerRefresh > 0 {
+		e.eager = e.fresh - int64((1-c.opts.EagerRefresh)*float64(c.opts.FreshFor))
+	}
+}
+
+// localFreshness is freshness for a value that L1 keeps without Redis (in
+// ModeMemory, or a load or write Redis could not take): fresh for FreshFor
+// from now, under a write ID of its own, which no value in Redis has.
+func (c *Cache[V]) localFreshness() (fresh int64, wid uint64) {
+	if c.opts.FreshFor <= 0 {
+		return 0, 0
+	}
+	return time.Now().Add(c.opts.FreshFor).UnixNano(), writeID()
 }
 
 // degradedTTL caps an L1 entry's life when it is filled while the stream is

@@ -153,7 +153,10 @@ type Options struct {
 	// them and refreshes them in one background load, and while the loader
 	// fails they keep returning it (fail-safe), retrying at most every
 	// RetryThrottle. So TTL minus FreshFor is the longest a stale value is
-	// served. Get returns stale values like any other. Zero disables it.
+	// served. Get returns stale values like any other. A value L1 keeps
+	// without Redis (ModeMemory; a load or write Redis could not take) is
+	// fresh for FreshFor from when it was loaded or written. Zero disables
+	// it.
 	FreshFor time.Duration
 
 	// SoftTimeout is how long a Remember that found a stale value waits for
@@ -185,7 +188,7 @@ type Options struct {
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
-	// tiers. Zero means DefaultNegativeTTL; negative disables negative
+	// tiers (in ModeMemory, in L1). Zero means DefaultNegativeTTL; negative disables negative
 	// caching: then a refresh (FreshFor) that finds the key gone leaves a
 	// short tombstone (TombstoneTTL) over the stale value instead.
 	NegativeTTL time.Duration

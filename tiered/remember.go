@@ -303,7 +303,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			// Redis cannot answer (or the circuit is open); the source
 			// can. Nothing goes to Redis; L1 keeps the value only for the
 			// degraded bound if the stream is already untrusted.
-			return c.loadDegraded(ctx, key, h, s, load)
+			return c.loadDegraded(ctx, key, h, s, load, replace != 0)
 		}
 		if raw, err := get.Bytes(); err == nil {
 			val, payload, found, derr := c.decode(raw)
@@ -350,7 +350,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 		if err != nil && ctx.Err() == nil {
 			// Redis failed under the lease: the source can still answer.
 			c.report(start, err)
-			return c.loadDegraded(ctx, key, h, s, load)
+			return c.loadDegraded(ctx, key, h, s, load, replace != 0)
 		}
 		if done || err != nil {
 			return r, err
@@ -363,6 +363,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	case errors.Is(err, ErrNotFound):
 		switch {
 		case noStore:
+			c.absentUnstored(key, h, s, true, replace != 0) // as fillLoaded keeps a value below
 		case c.opts.NegativeTTL > 0:
 			c.storeLoaded(ctx, key, h, s, gen, expect, nil, started)
 		case replace != 0:
@@ -463,11 +464,12 @@ func (c *Cache[V]) fillLoaded(key string, h uint64, s snapshot, v V) {
 // only under a snapshot already taken while the stream was untrusted, so it
 // lives at most DegradedL1TTL (see degradedTTL); under a trusted snapshot it
 // is not kept, since instances whose writes fail cannot invalidate it.
-func (c *Cache[V]) loadDegraded(ctx context.Context, key string, h uint64, s snapshot, load Loader[V]) (readResult[V], error) {
+func (c *Cache[V]) loadDegraded(ctx context.Context, key string, h uint64, s snapshot, load Loader[V], refresh bool) (readResult[V], error) {
 	c.st.degradedLoads.Add(1)
 	v, err := c.callLoader(ctx, key, load)
 	switch {
 	case errors.Is(err, ErrNotFound):
+		c.absentUnstored(key, h, s, false, refresh)
 		return readResult[V]{negative: true}, nil
 	case err != nil:
 		return readResult[V]{}, err
@@ -553,6 +555,24 @@ func (c *Cache[V]) dropRefreshed(ctx context.Context, key string, gen uint64, ex
 	err := fillScript.Run(l2ctx, c.rdb, []string{c.dataKey(gen, key)}, expect, tombstone(), max(c.opts.TombstoneTTL.Milliseconds(), 1)).Err()
 	cancel()
 	c.report(start, err)
+}
+
+// absentUnstored is what a load that found key absent at the source does
+// when its answer goes to no Redis (ModeMemory, a key whose write waits in
+// the outbox, Redis unable to answer): with keep (where a loaded value would
+// be kept in L1) and NegativeTTL > 0, the absence is kept in L1, as a value
+// would be; otherwise a refresh voids the stale value it was loading for, so
+// that the deleted value is served no more (as storeLoaded voids what it
+// does not store). A load that is no refresh found nothing valid in L1, and
+// voids nothing: absent keys are common, and each void costs a stripe.
+func (c *Cache[V]) absentUnstored(key string, h uint64, s snapshot, keep, refresh bool) {
+	if keep && c.opts.NegativeTTL > 0 {
+		c.fillNegative(key, h, s, -1) // it voids the key instead if it cannot keep it
+		return
+	}
+	if refresh {
+		c.invalidateLocal(key)
+	}
 }
 
 // fillNegative remembers in L1 that key is absent at the source.
@@ -867,6 +887,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			out[rememberKey(k)] = readResult[V]{negative: true}
 			switch {
 			case noStore[k]:
+				c.absentUnstored(k, h, snaps[k], degraded(snaps[k]) || c.memoryOnly(), replace[k] != 0)
 			case c.opts.NegativeTTL > 0:
 				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], nil, started)
 			case replace[k] != 0:

@@ -1129,3 +1129,87 @@ func TestRemember_FailSafeEndsWithTTL(t *testing.T) {
 		t.Fatalf("a caller that joined the failing refresh after the key's TTL got the expired value v1")
 	}
 }
+
+// TestRemember_MemoryMode: in ModeMemory (and while the outbox holds a key,
+// or Redis cannot answer) what L1 keeps has no envelope in Redis to carry
+// its fresh period. It is fresh for FreshFor from when it was loaded or
+// written (before, it never went stale: FreshFor did nothing in ModeMemory),
+// a refresh that finds the key gone at the source ends it when NegativeTTL
+// < 0, and absence is kept when NegativeTTL > 0 (before, every read of an
+// absent key called the loader).
+func TestRemember_MemoryMode(t *testing.T) {
+	t.Run("stale while revalidate", func(t *testing.T) {
+		c := newCache[string](t, Options{Mode: ModeMemory, FreshFor: 50 * time.Millisecond, TTL: time.Hour})
+		ctx := ctxT(t)
+		src := newSource()
+		src.put("k", "v1")
+		src.put("s", "from the source")
+		if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+			t.Fatalf("Remember = %q, %v", v, err)
+		}
+		if err := c.Set(ctx, "s", "written", 0); err != nil {
+			t.Fatal(err)
+		}
+		if v, err := c.Remember(ctx, "s", src.load); err != nil || v != "written" {
+			t.Fatalf("Remember after Set = %q, %v; want the written value while it is fresh", v, err)
+		}
+		src.put("k", "v2")
+		time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+		eventually(t, 5*time.Second, "the loaded value to be refreshed", func() bool {
+			v, err := c.Remember(ctx, "k", src.load)
+			return err == nil && v == "v2"
+		})
+		eventually(t, 5*time.Second, "the written value to be refreshed", func() bool {
+			v, err := c.Remember(ctx, "s", src.load)
+			return err == nil && v == "from the source"
+		})
+	})
+	t.Run("refresh finds the key gone", func(t *testing.T) {
+		c := newCache[string](t, Options{Mode: ModeMemory, FreshFor: 50 * time.Millisecond, NegativeTTL: -1, TTL: time.Hour})
+		ctx := ctxT(t)
+		src := newSource()
+		src.put("k", "v1")
+		src.put("m", "v1")
+		batch := src.batch(new([][]string), new(sync.Mutex))
+		if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+			t.Fatalf("Remember = %q, %v", v, err)
+		}
+		if got, err := c.RememberMany(ctx, []string{"m"}, batch); err != nil || got["m"] != "v1" {
+			t.Fatalf("RememberMany = %v, %v", got, err)
+		}
+		src.mu.Lock()
+		delete(src.vals, "k")
+		delete(src.vals, "m")
+		src.mu.Unlock()
+		time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+		eventually(t, 5*time.Second, "Remember to stop serving the deleted key", func() bool {
+			_, err := c.Remember(ctx, "k", src.load)
+			return errors.Is(err, ErrNotFound)
+		})
+		eventually(t, 5*time.Second, "RememberMany to stop serving the deleted key", func() bool {
+			got, err := c.RememberMany(ctx, []string{"m"}, batch)
+			return err == nil && len(got) == 0
+		})
+	})
+	t.Run("absence is cached", func(t *testing.T) {
+		c := newCache[string](t, Options{Mode: ModeMemory, NegativeTTL: time.Minute, TTL: time.Hour})
+		ctx := ctxT(t)
+		src, many := newSource(), newSource()
+		var calls [][]string
+		batch := many.batch(&calls, new(sync.Mutex))
+		for range 3 {
+			if _, err := c.Remember(ctx, "absent", src.load); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("Remember = %v, want ErrNotFound", err)
+			}
+			if got, err := c.RememberMany(ctx, []string{"gone"}, batch); err != nil || len(got) != 0 {
+				t.Fatalf("RememberMany = %v, %v; want nothing", got, err)
+			}
+		}
+		if n := src.loads.Load(); n != 1 {
+			t.Errorf("Remember of an absent key loaded %d times in 3 calls; want 1 (NegativeTTL)", n)
+		}
+		if len(calls) != 1 {
+			t.Errorf("RememberMany of an absent key loaded %d times in 3 calls; want 1 (NegativeTTL)", len(calls))
+		}
+	})
+}
