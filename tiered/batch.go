@@ -443,8 +443,10 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration)
 	}
 	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: c.busEpoch(),
 		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
-	e.fresh, e.wid = c.localFreshness()
-	c.setEager(e)
+	if e.epoch&1 == 0 { // a trusted stream: see degraded
+		e.fresh, e.wid = c.localFreshness()
+		c.setEager(e)
+	}
 	if c.opts.CopyOnRead {
 		e.raw, _ = encode(c.opts.Codec, v)
 	}
@@ -466,8 +468,6 @@ func (c *Cache[V]) setDegraded(key string, v V, payload []byte, ttl time.Duratio
 	}
 	e := &entry[V]{key: key, val: v, stripe: s.stripe, ns: s.ns, epoch: s.epoch,
 		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
-	e.fresh, e.wid = c.localFreshness()
-	c.setEager(e)
 	if c.opts.CopyOnRead {
 		e.raw, _ = encode(c.opts.Codec, v)
 	}

@@ -616,7 +616,7 @@ func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []
 		expires: expiry(ttl), cost: int64(len(raw) + len(key) + entryCost)}
 	if raw != nil {
 		e.fresh, e.wid = freshness(raw, c.opts.PlainJSON)
-	} else {
+	} else if !degraded(s) {
 		e.fresh, e.wid = c.localFreshness() // loaded, and kept in L1 alone
 	}
 	c.setEager(e)
@@ -638,8 +638,11 @@ func (c *Cache[V]) setEager(e *entry[V]) {
 }
 
 // localFreshness is freshness for a value that L1 keeps without Redis (in
-// ModeMemory, or a load or write Redis could not take): fresh for FreshFor
-// from now, under a write ID of its own, which no value in Redis has.
+// ModeMemory, or a load of a key whose write waits in the outbox): fresh for
+// FreshFor from now, under a write ID of its own, which no value in Redis
+// has. Not for what L1 keeps under an untrusted stream (Redis down): that
+// lives DegradedL1TTL at most, and a refresh before then would take what
+// Redis holds, which may be older than what the source gave.
 func (c *Cache[V]) localFreshness() (fresh int64, wid uint64) {
 	if c.opts.FreshFor <= 0 {
 		return 0, 0

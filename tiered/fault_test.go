@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -706,4 +707,170 @@ func TestClose_BoundedWhileAnotherReplayRuns(t *testing.T) {
 	if !errors.Is(err, invalidate.ErrOutboxDropped) {
 		t.Fatalf("Close that could not replay in time: %v; want ErrOutboxDropped", err)
 	}
+}
+
+// failHook fails every command of a client while on is set, as a Redis
+// that stopped answering would, without touching the Bus's connection.
+type failHook struct{ on *atomic.Bool }
+
+func (failHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h failHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if h.on.Load() {
+			err := &net.OpError{Op: "read", Err: errors.New("test: Redis does not answer")}
+			cmd.SetErr(err)
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h failHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if h.on.Load() {
+			err := &net.OpError{Op: "read", Err: errors.New("test: Redis does not answer")}
+			for _, c := range cmds {
+				c.SetErr(err)
+			}
+			return err
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// failingInstance is an instance whose Bus goes through a fault proxy (cut
+// it and the stream dies) and whose cache's commands fail while fail is
+// set. Its breaker stays closed.
+func failingInstance(t *testing.T, s *redistest.Server, ns string, opts Options) (*instance[string], *faultproxy.Proxy, *atomic.Bool) {
+	t.Helper()
+	p, err := faultproxy.Start(s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	o := s.Options()
+	o.Addr = p.Addr()
+	o.DialTimeout = 200 * time.Millisecond
+	busRdb := redis.NewClient(o)
+	t.Cleanup(func() { busRdb.Close() })
+	bo := faultBus
+	bo.BreakerThreshold = 1000
+	bus := newBus(t, standalone{s}, busRdb, bo)
+	rdb := s.Client(t)
+	fail := new(atomic.Bool)
+	rdb.AddHook(failHook{fail})
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = s.Prefix()
+	}
+	c, err := New[string](ns, rdb, bus, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &instance[string]{rdb: rdb, bus: bus, c: c}, p, fail
+}
+
+// stripeMate returns a key other than key in key's L1 stripe.
+func stripeMate(key string) string {
+	for i := 0; ; i++ {
+		if k := "mate" + strconv.Itoa(i); k != key && hashKey(k)&stripeMask == hashKey(key)&stripeMask {
+			return k
+		}
+	}
+}
+
+// TestDegraded_LocalValues: what L1 keeps while Redis cannot answer (under
+// an untrusted stream) keeps its DegradedL1TTL bound and nothing else:
+//   - it gets no fresh period of its own, whose refresh would take what
+//     Redis holds, older than what the source gave (a review found this in
+//     the first version of ModeMemory's fresh period);
+//   - a refresh of it in plain-JSON mode does not read a write ID out of a
+//     short plain value (that version panicked on one);
+//   - a RememberMany of an absent key does not void its stripe (that
+//     version did, losing the values kept there);
+//   - a RememberMany whose read of the namespace generation fails goes to
+//     the loader, as Remember does (before, it returned the error).
+func TestDegraded_LocalValues(t *testing.T) {
+	t.Run("no going back after FreshFor", func(t *testing.T) {
+		s := redistest.Start(t)
+		ns := namespace(t)
+		opts := Options{FreshFor: 50 * time.Millisecond, TTL: time.Hour, DegradedL1TTL: 10 * time.Second, CommandTimeout: 200 * time.Millisecond}
+		a, p, fail := failingInstance(t, s, ns, opts)
+		peer := direct[string](t, s, ns, Options{TTL: time.Hour}, faultBus)
+		ctx := ctxT(t)
+		if err := peer.c.Set(ctx, "k", "old", 0); err != nil {
+			t.Fatal(err)
+		}
+		src := newSource()
+		src.put("k", "new") // the source moved on; Redis still holds "old" (a writer's failed Set waits in its outbox)
+		p.Refuse(true)
+		p.Cut()
+		eventually(t, 5*time.Second, "A's stream to die", func() bool { return !a.bus.Live() })
+		fail.Store(true)
+		if v, err := a.c.Remember(ctx, "k", src.load); err != nil || v != "new" {
+			t.Fatalf("Remember with Redis down = %q, %v; want the source's value", v, err)
+		}
+		fail.Store(false)
+		for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+			if v, err := a.c.Remember(ctx, "k", src.load); err != nil || v != "new" {
+				t.Fatalf("Remember within DegradedL1TTL = %q, %v; went back from the source's value", v, err)
+			}
+		}
+	})
+	t.Run("plain JSON refresh", func(t *testing.T) {
+		s := redistest.Start(t)
+		ns := namespace(t)
+		opts := Options{PlainJSON: true, FreshFor: 50 * time.Millisecond, TTL: time.Hour, CommandTimeout: 200 * time.Millisecond}
+		a := direct[string](t, s, ns, opts, faultBus)
+		ctx := ctxT(t)
+		if err := a.c.Set(ctx, "k", "a", 0); err != nil { // `"a"`: 3 bytes in Redis
+			t.Fatal(err)
+		}
+		load := func(context.Context, string) (string, error) { return "loaded", nil }
+		for _, replace := range []uint64{writeID(), 0} { // a refresh of a value L1 kept alone; a load
+			h := hashKey("k")
+			r, err := a.c.readThrough(ctx, "k", a.c.snap(h), load, replace)
+			if err != nil || !r.found || r.val != "a" {
+				t.Fatalf("readThrough(replace %x) = %+v, %v; want Redis's value", replace, r, err)
+			}
+			many, err := a.c.readThroughMany(ctx, []string{"k"}, map[string]snapshot{"k": a.c.snap(h)},
+				func(context.Context, []string) (map[string]string, error) {
+					return map[string]string{"k": "loaded"}, nil
+				},
+				map[string]uint64{"k": replace})
+			if got := many[rememberKey("k")]; err != nil || !got.found || got.val != "a" {
+				t.Fatalf("readThroughMany(replace %x) = %+v, %v; want Redis's value", replace, got, err)
+			}
+		}
+	})
+	t.Run("absent key keeps its stripe", func(t *testing.T) {
+		s := redistest.Start(t)
+		ns := namespace(t)
+		opts := Options{CommandTimeout: 200 * time.Millisecond, DegradedL1TTL: 10 * time.Second}
+		a, p, fail := failingInstance(t, s, ns, opts)
+		ctx := ctxT(t)
+		p.Refuse(true)
+		p.Cut()
+		eventually(t, 5*time.Second, "A's stream to die", func() bool { return !a.bus.Live() })
+		fail.Store(true)
+		src := newSource()
+		src.put("kept", "v")
+		if v, err := a.c.Remember(ctx, "kept", src.load); err != nil || v != "v" {
+			t.Fatalf("Remember = %q, %v", v, err)
+		}
+		if _, ok := a.c.peekL1("kept"); !ok {
+			t.Fatal("the load was not kept for DegradedL1TTL")
+		}
+		mate := stripeMate("kept")
+		if got, err := a.c.RememberMany(ctx, []string{mate}, src.batch(new([][]string), new(sync.Mutex))); err != nil || len(got) != 0 {
+			t.Fatalf("RememberMany(%s) = %v, %v; want nothing", mate, got, err)
+		}
+		if _, err := a.c.Remember(ctx, mate, src.load); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("Remember(%s) = %v; want ErrNotFound", mate, err)
+		}
+		if _, ok := a.c.peekL1("kept"); !ok {
+			t.Error("loads of an absent key in the same stripe voided the kept value")
+		}
+	})
 }

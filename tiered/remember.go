@@ -317,7 +317,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 				if foreign(derr) {
 					noStore = true
 				}
-			case found && replace != 0 && binary.BigEndian.Uint64(raw[4:12]) == replace:
+			case found && replace != 0 && !c.opts.PlainJSON && binary.BigEndian.Uint64(raw[4:12]) == replace: // plain JSON has no write ID; a refresh of a value L1 kept alone has one
 				c.st.l2Hits.Add(1)
 				expect = raw[4:12] // load, and store only over this very write
 				kept, keptUntil = &val, time.Now().Add(pttl.Val())
@@ -561,13 +561,15 @@ func (c *Cache[V]) dropRefreshed(ctx context.Context, key string, gen uint64, ex
 // when its answer goes to no Redis (ModeMemory, a key whose write waits in
 // the outbox, Redis unable to answer): with keep (where a loaded value would
 // be kept in L1) and NegativeTTL > 0, the absence is kept in L1, as a value
-// would be; otherwise a refresh voids the stale value it was loading for, so
+// would be, but only under a trusted stream (fillNegative would void the
+// key's stripe under another); otherwise a refresh voids the stale value it
+// was loading for, so
 // that the deleted value is served no more (as storeLoaded voids what it
 // does not store). A load that is no refresh found nothing valid in L1, and
 // voids nothing: absent keys are common, and each void costs a stripe.
 func (c *Cache[V]) absentUnstored(key string, h uint64, s snapshot, keep, refresh bool) {
-	if keep && c.opts.NegativeTTL > 0 {
-		c.fillNegative(key, h, s, -1) // it voids the key instead if it cannot keep it
+	if keep && c.opts.NegativeTTL > 0 && !degraded(s) {
+		c.fillNegative(key, h, s, -1)
 		return
 	}
 	if refresh {
@@ -792,9 +794,15 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		l2ctx, cancel := c.opCtx(ctx)
 		var err error
 		if gen, err = c.generation(l2ctx, snaps[keys[0]]); err != nil {
+			// Redis cannot answer: the source can, as below (before, the
+			// whole call failed while Remember went to the loader).
 			cancel()
 			c.report(start, err)
-			return nil, err
+			c.st.degradedLoads.Add(uint64(len(keys)))
+			for _, k := range keys {
+				noStore[k] = true
+			}
+			break
 		}
 		pipe := c.rdb.Pipeline()
 		gets := make([]*redis.StringCmd, len(keys))
@@ -823,7 +831,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 					c.st.l2Misses.Add(1)
 					noStore[k] = foreign(derr)
 					toLoad = append(toLoad, k)
-				case found && replace[k] != 0 && binary.BigEndian.Uint64(raw[4:12]) == replace[k]:
+				case found && replace[k] != 0 && !c.opts.PlainJSON && binary.BigEndian.Uint64(raw[4:12]) == replace[k]:
 					c.st.l2Hits.Add(1)
 					expect[k] = raw[4:12] // load, and store only over this very write
 					toLoad = append(toLoad, k)
