@@ -153,10 +153,10 @@ type Options struct {
 	// them and refreshes them in one background load, and while the loader
 	// fails they keep returning it (fail-safe), retrying at most every
 	// RetryThrottle. So TTL minus FreshFor is the longest a stale value is
-	// served. Get returns stale values like any other. A value L1 keeps
-	// without Redis (ModeMemory; a load or write Redis could not take) is
-	// fresh for FreshFor from when it was loaded or written. Zero disables
-	// it.
+	// served. Get returns stale values like any other. In ModeMemory a
+	// value is fresh for FreshFor from when it was loaded or written (what
+	// L1 keeps while Redis is down lives DegradedL1TTL at most, and goes
+	// not stale). Zero disables it.
 	FreshFor time.Duration
 
 	// SoftTimeout is how long a Remember that found a stale value waits for
