@@ -437,11 +437,14 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration)
 	}
 	c.invalidateLocal(key)
 	h := xxhash.Sum64String(key)
-	ttl = min(c.jitter(ttl), c.jitter(c.opts.L1TTL))
+	epoch := c.busEpoch()
+	// Under an untrusted stream (SetMode(ModeMemory) while Redis is down)
+	// no other instance's invalidation can reach it: DegradedL1TTL at most.
+	ttl = c.degradedTTL(snapshot{epoch: epoch}, min(c.jitter(ttl), c.jitter(c.opts.L1TTL)))
 	if ttl <= clockTick {
 		return
 	}
-	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: c.busEpoch(),
+	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: epoch,
 		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
 	if e.epoch&1 == 0 { // a trusted stream: see degraded
 		e.fresh, e.wid = c.localFreshness()

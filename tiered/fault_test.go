@@ -844,6 +844,29 @@ func TestDegraded_LocalValues(t *testing.T) {
 			}
 		}
 	})
+	t.Run("a memory-mode Set lives DegradedL1TTL", func(t *testing.T) {
+		// SetMode(ModeMemory) while the stream is dead: no invalidation
+		// can reach what Set keeps (before, it lived L1TTL).
+		s := redistest.Start(t)
+		a, p := proxied[string](t, s, namespace(t), Options{TTL: time.Hour, DegradedL1TTL: 200 * time.Millisecond, CommandTimeout: 200 * time.Millisecond}, faultBus)
+		ctx := ctxT(t)
+		if err := a.c.SetMode(ModeMemory); err != nil {
+			t.Fatal(err)
+		}
+		p.Refuse(true)
+		p.Cut()
+		eventually(t, 5*time.Second, "A's stream to die", func() bool { return !a.bus.Live() })
+		if err := a.c.Set(ctx, "k", "written", 0); err != nil {
+			t.Fatal(err)
+		}
+		if v, ok, err := a.c.Get(ctx, "k"); !ok || err != nil || v != "written" {
+			t.Fatalf("Get after the Set = %q, %v, %v", v, ok, err)
+		}
+		eventually(t, 5*time.Second, "the value to end with DegradedL1TTL", func() bool {
+			_, ok, _ := a.c.Get(ctx, "k")
+			return !ok
+		})
+	})
 	t.Run("absent key keeps its stripe", func(t *testing.T) {
 		s := redistest.Start(t)
 		ns := namespace(t)

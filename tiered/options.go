@@ -92,6 +92,8 @@ type Options struct {
 	// exactly KeyPrefix+key, so a Node.js service and this cache can share L2
 	// during a migration. It forces the JSON codec and disables compression.
 	// Clear becomes a SCAN+UNLINK of the prefix, and Delete a plain DEL.
+	// Absence (NegativeTTL) is remembered in L1 alone: plain JSON has no
+	// form for it that the Node.js side would read as such.
 	PlainJSON bool
 
 	// CompressAbove s2-compresses encoded values longer than this many
@@ -188,9 +190,11 @@ type Options struct {
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
-	// tiers (in ModeMemory, in L1). Zero means DefaultNegativeTTL; negative disables negative
-	// caching: then a refresh (FreshFor) that finds the key gone leaves a
-	// short tombstone (TombstoneTTL) over the stale value instead.
+	// tiers (in ModeMemory and plain-JSON mode, in L1 alone). Zero means
+	// DefaultNegativeTTL; negative disables negative caching: then a refresh
+	// (FreshFor) that finds the key gone leaves a short tombstone
+	// (TombstoneTTL) over the stale value instead (in ModeMemory and
+	// plain-JSON mode it voids the stale value in L1).
 	NegativeTTL time.Duration
 
 	// DegradedL1TTL is how long L1 keeps a value filled while the

@@ -1,11 +1,14 @@
 package tiered
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // nodeVector is JSON.stringify's output (Node.js 20) for the value below,
@@ -91,4 +94,54 @@ func TestJSONCodec_PooledEncoder(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// TestPlainJSON_AbsenceStaysOutOfRedis: plain JSON has no form for absence,
+// so a key the loader says is absent is remembered in L1 alone: no negative
+// entry, no tombstone under the key a Node.js service reads (before, both
+// were written as envelope bytes, which are not JSON).
+func TestPlainJSON_AbsenceStaysOutOfRedis(t *testing.T) {
+	absent := func(t *testing.T, c *Cache[string], rdb redis.UniversalClient, key string) {
+		t.Helper()
+		n, err := rdb.Exists(ctxT(t), c.dataKey(0, key)).Result()
+		if err != nil || n != 0 {
+			raw, _ := rdb.Get(ctxT(t), c.dataKey(0, key)).Bytes()
+			t.Fatalf("Redis holds %q under the plain key %q (%v); want nothing", raw, c.dataKey(0, key), err)
+		}
+	}
+	t.Run("NegativeTTL", func(t *testing.T) {
+		in := newFleet[string](t, shared, 1, Options{PlainJSON: true, NegativeTTL: time.Minute})[0]
+		ctx := ctxT(t)
+		src, many := newSource(), newSource()
+		var calls [][]string
+		for range 3 {
+			if _, err := in.c.Remember(ctx, "gone", src.load); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("Remember = %v, want ErrNotFound", err)
+			}
+			if got, err := in.c.RememberMany(ctx, []string{"gone-too"}, many.batch(&calls, new(sync.Mutex))); err != nil || len(got) != 0 {
+				t.Fatalf("RememberMany = %v, %v", got, err)
+			}
+		}
+		absent(t, in.c, in.rdb, "gone")
+		absent(t, in.c, in.rdb, "gone-too")
+		if n := src.loads.Load(); n != 1 || len(calls) != 1 {
+			t.Errorf("3 reads of an absent key loaded %d times (Remember) and %d (RememberMany); want 1 each: absence kept in L1", n, len(calls))
+		}
+	})
+	t.Run("refresh finds the key gone", func(t *testing.T) {
+		in := newFleet[string](t, shared, 1, Options{PlainJSON: true, FreshFor: 50 * time.Millisecond, NegativeTTL: -1})[0]
+		ctx := ctxT(t)
+		src := newSource()
+		h := hashKey("k")
+		// A refresh of a value L1 kept alone: it has a write ID of its own.
+		if r, err := in.c.readThrough(ctx, "k", in.c.snap(h), src.load, writeID()); err != nil || !r.negative {
+			t.Fatalf("readThrough = %+v, %v; want absent", r, err)
+		}
+		if _, err := in.c.readThroughMany(ctx, []string{"m"}, map[string]snapshot{"m": in.c.snap(hashKey("m"))},
+			src.batch(new([][]string), new(sync.Mutex)), map[string]uint64{"m": writeID()}); err != nil {
+			t.Fatal(err)
+		}
+		absent(t, in.c, in.rdb, "k")
+		absent(t, in.c, in.rdb, "m")
+	})
 }

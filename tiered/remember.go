@@ -362,8 +362,11 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 	switch {
 	case errors.Is(err, ErrNotFound):
 		switch {
-		case noStore:
-			c.absentUnstored(key, h, s, true, replace != 0) // as fillLoaded keeps a value below
+		case noStore || c.opts.PlainJSON:
+			// Nothing goes to Redis, where plain JSON has no form for
+			// absence: a negative entry or a tombstone would be no JSON
+			// to the Node.js side. L1 keeps it as fillLoaded keeps a value.
+			c.absentUnstored(key, h, s, true, replace != 0)
 		case c.opts.NegativeTTL > 0:
 			c.storeLoaded(ctx, key, h, s, gen, expect, nil, started)
 		case replace != 0:
@@ -456,7 +459,7 @@ func (c *Cache[V]) fillLoaded(key string, h uint64, s snapshot, v V) {
 			return
 		}
 	}
-	c.fill(key, h, s, v, payload, nil, -1)
+	c.fill(key, h, s, v, payload, nil, c.jitter(c.opts.TTL)) // no Redis TTL bounds it: TTL does
 }
 
 // loadDegraded answers a read-through from the loader alone, because Redis
@@ -559,7 +562,7 @@ func (c *Cache[V]) dropRefreshed(ctx context.Context, key string, gen uint64, ex
 
 // absentUnstored is what a load that found key absent at the source does
 // when its answer goes to no Redis (ModeMemory, a key whose write waits in
-// the outbox, Redis unable to answer): with keep (where a loaded value would
+// the outbox, Redis unable to answer, plain-JSON mode): with keep (where a loaded value would
 // be kept in L1) and NegativeTTL > 0, the absence is kept in L1, as a value
 // would be, but only under a trusted stream (fillNegative would void the
 // key's stripe under another); otherwise a refresh voids the stale value it
@@ -894,8 +897,8 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		default:
 			out[rememberKey(k)] = readResult[V]{negative: true}
 			switch {
-			case noStore[k]:
-				c.absentUnstored(k, h, snaps[k], degraded(snaps[k]) || c.memoryOnly(), replace[k] != 0)
+			case noStore[k] || c.opts.PlainJSON: // as in readThrough
+				c.absentUnstored(k, h, snaps[k], !noStore[k] || degraded(snaps[k]) || c.memoryOnly(), replace[k] != 0)
 			case c.opts.NegativeTTL > 0:
 				c.storeLoaded(ctx, k, h, snaps[k], gen, expect[k], nil, started)
 			case replace[k] != 0:

@@ -1191,6 +1191,27 @@ func TestRemember_MemoryMode(t *testing.T) {
 			return err == nil && len(got) == 0
 		})
 	})
+	t.Run("a stale value ends with TTL", func(t *testing.T) {
+		// L1 alone keeps it, so TTL, not L1TTL, is its life: fail-safe
+		// serves it until then and no longer (before, until L1TTL).
+		c := newCache[string](t, Options{Mode: ModeMemory, TTL: 300 * time.Millisecond, FreshFor: 100 * time.Millisecond, L1TTL: time.Minute})
+		ctx := ctxT(t)
+		var down atomic.Bool
+		load := func(context.Context, string) (string, error) {
+			if down.Load() {
+				return "", errors.New("source down")
+			}
+			return "v1", nil
+		}
+		if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
+			t.Fatalf("Remember = %q, %v", v, err)
+		}
+		down.Store(true)
+		eventually(t, 5*time.Second, "the stale value to end with TTL", func() bool {
+			_, err := c.Remember(ctx, "k", load)
+			return err != nil
+		})
+	})
 	t.Run("absence is cached", func(t *testing.T) {
 		c := newCache[string](t, Options{Mode: ModeMemory, NegativeTTL: time.Minute, TTL: time.Hour})
 		ctx := ctxT(t)
