@@ -900,6 +900,15 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 // TTL); Remember and RememberMany alike.
 func TestRemember_RefreshFindsKeyGone(t *testing.T) {
 	c := newCache[string](t, Options{FreshFor: 50 * time.Millisecond, NegativeTTL: -1})
+	testRefreshFindsKeyGone(t, c)
+}
+
+// testRefreshFindsKeyGone loads k (Remember) and m (RememberMany) into c,
+// whose values go stale after 50 ms and whose absence is not cached,
+// deletes both at the source, and waits for both reads to report them gone
+// and for Get to miss them.
+func testRefreshFindsKeyGone(t *testing.T, c *Cache[string]) {
+	t.Helper()
 	ctx := ctxT(t)
 	src := newSource()
 	src.put("k", "v1")
@@ -1165,31 +1174,7 @@ func TestRemember_MemoryMode(t *testing.T) {
 		})
 	})
 	t.Run("refresh finds the key gone", func(t *testing.T) {
-		c := newCache[string](t, Options{Mode: ModeMemory, FreshFor: 50 * time.Millisecond, NegativeTTL: -1, TTL: time.Hour})
-		ctx := ctxT(t)
-		src := newSource()
-		src.put("k", "v1")
-		src.put("m", "v1")
-		batch := src.batch(new([][]string), new(sync.Mutex))
-		if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
-			t.Fatalf("Remember = %q, %v", v, err)
-		}
-		if got, err := c.RememberMany(ctx, []string{"m"}, batch); err != nil || got["m"] != "v1" {
-			t.Fatalf("RememberMany = %v, %v", got, err)
-		}
-		src.mu.Lock()
-		delete(src.vals, "k")
-		delete(src.vals, "m")
-		src.mu.Unlock()
-		time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
-		eventually(t, 5*time.Second, "Remember to stop serving the deleted key", func() bool {
-			_, err := c.Remember(ctx, "k", src.load)
-			return errors.Is(err, ErrNotFound)
-		})
-		eventually(t, 5*time.Second, "RememberMany to stop serving the deleted key", func() bool {
-			got, err := c.RememberMany(ctx, []string{"m"}, batch)
-			return err == nil && len(got) == 0
-		})
+		testRefreshFindsKeyGone(t, newCache[string](t, Options{Mode: ModeMemory, FreshFor: 50 * time.Millisecond, NegativeTTL: -1, TTL: time.Hour}))
 	})
 	t.Run("a stale value ends with TTL", func(t *testing.T) {
 		// L1 alone keeps it, so TTL, not L1TTL, is its life: fail-safe

@@ -645,6 +645,17 @@ func (c *Cluster) migrateSlot(slot int, toMaster string) error {
 				return false, err.Error()
 			}
 			if o := v.owner(slot); o != toMaster {
+				// Gossip usually mends a master that missed the change, but
+				// not always: a soak once saw the target itself go back to
+				// naming the source, while every other node, the source
+				// included, named the target, for 10 s. Tell such a master
+				// again, as redis-cli --cluster fix would (idempotent; a
+				// replica refuses it, and follows its master).
+				if v.self.flags["master"] {
+					qctx, qcancel := context.WithTimeout(wctx, pollQueryTimeout)
+					_ = c.admins[i].Do(qctx, setNode...).Err()
+					qcancel()
+				}
 				return false, fmt.Sprintf("%s says slot %d belongs to %q", c.nodes[i].Addr(), slot, o)
 			}
 		}
