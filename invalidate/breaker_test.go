@@ -237,8 +237,23 @@ func TestOutboxOverflowBecomesFlush(t *testing.T) {
 	b.Defer("ns", "6") // absorbed by the flush
 	r.setFail(false)
 	pollUntil(t, busWait, "outbox drained", func() bool { return b.OutboxDepth() == 0 })
-	if got := r.got(); len(got) != 1 || got[0] != nil {
-		t.Fatalf("replays %q, want exactly one flush", got)
+	// A replay that took keys 1-4 before the overflow may still land, once
+	// the handler stops failing (a CI run saw it): harmless, an extra
+	// invalidation. What the overflow must give is one flush, and no key
+	// deferred after it replayed on its own.
+	flushes := 0
+	for _, keys := range r.got() {
+		if keys == nil {
+			flushes++
+		}
+		for _, k := range keys {
+			if k != "1" && k != "2" && k != "3" && k != "4" {
+				t.Errorf("key %q replayed on its own; the flush covers it", k)
+			}
+		}
+	}
+	if flushes != 1 {
+		t.Fatalf("replays %q, want exactly one flush", r.got())
 	}
 }
 
