@@ -312,6 +312,10 @@ func (b *Bus) ShardTag(i int) string { return b.opts.Prefix + "s" + strconv.Itoa
 // ShardChannel is the name of shard channel i.
 func (b *Bus) ShardChannel(i int) string { return b.opts.Prefix + "inv:1:{" + b.ShardTag(i) + "}" }
 
+// Prefix returns the prefix of every Redis key and channel of this Bus
+// (Options.Prefix), which is also where caches keep their keys by default.
+func (b *Bus) Prefix() string { return b.opts.Prefix }
+
 // Channel is the Redis channel the Bus publishes to outside writes: the
 // one classic channel, or with ShardChannels shard channel 0.
 func (b *Bus) Channel() string { return b.channel }

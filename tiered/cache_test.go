@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -273,6 +274,30 @@ func TestCache_BadInput(t *testing.T) {
 			t.Errorf("New(%+v) succeeded; want an error", o)
 		}
 	}
+	// Plain-JSON mode needs a prefix of its own: Clear deletes every key
+	// under it (under the Bus's prefix, every namespace's keys and
+	// generations), and has no room for lease keys.
+	for _, o := range []Options{
+		{PlainJSON: true},
+		{PlainJSON: true, KeyPrefix: c.bus.Prefix()},
+		{PlainJSON: true, KeyPrefix: invalidate.DefaultPrefix},
+		{PlainJSON: true, KeyPrefix: c.bus.Prefix() + "node:", Lease: true},
+	} {
+		if pc, err := New[string](namespace(t), c.rdb, c.bus, o); err == nil || !strings.Contains(err.Error(), "PlainJSON") {
+			if pc != nil {
+				pc.Close()
+			}
+			t.Errorf("New(%+v) = %v; want an error about PlainJSON", o, err)
+		}
+	}
+	if c.bus.Shards() == 0 { // PlainJSON needs classic pub/sub
+		pc, err := New[string](namespace(t), c.rdb, c.bus, Options{PlainJSON: true, KeyPrefix: c.bus.Prefix() + "node:"})
+		if err != nil {
+			t.Errorf("New(PlainJSON with a prefix of its own): %v", err)
+		} else {
+			pc.Close()
+		}
+	}
 	for _, name := range []string{"", "a:b", "a{b", strings.Repeat("n", 256), "\xff"} {
 		if _, err := New[string](name, c.rdb, c.bus, Options{}); err == nil {
 			t.Errorf("New(%q) succeeded; want an error", name)
@@ -295,7 +320,9 @@ func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 
 // TestCache_CorruptL2: undecodable bytes in Redis are a miss, get deleted and
-// counted; never a panic or a wrong value.
+// counted; never a panic or a wrong value. In plain-JSON mode they are left
+// in place and never overwritten: the key is shared with the Node.js side,
+// which may have written a value of another shape.
 func TestCache_CorruptL2(t *testing.T) {
 	for _, m := range modes {
 		if m.opts.Mode == ModeMemory {
@@ -327,12 +354,22 @@ func TestCache_CorruptL2(t *testing.T) {
 				if c.Stats().Corrupt != before+1 {
 					t.Fatalf("Corrupt = %d, want %d", c.Stats().Corrupt, before+1)
 				}
-				if n, _ := c.rdb.Exists(ctx, dk).Result(); n != 0 {
-					t.Fatalf("corrupt key %q still in Redis", dk)
-				}
 				got, err := c.GetMany(ctx, []string{key})
 				if len(got) != 0 || err != nil {
 					t.Fatalf("GetMany(corrupt) = %v, %v", got, err)
+				}
+				if !m.opts.PlainJSON {
+					if n, _ := c.rdb.Exists(ctx, dk).Result(); n != 0 {
+						t.Fatalf("corrupt key %q still in Redis", dk)
+					}
+					continue
+				}
+				load := func(context.Context, string) (user, error) { return user{ID: 7, Name: "loaded"}, nil }
+				if v, err := c.Remember(ctx, key, load); err != nil || v.Name != "loaded" {
+					t.Fatalf("Remember(%q) = %+v, %v; want the loader's value", key, v, err)
+				}
+				if now, err := c.rdb.Get(ctx, dk).Bytes(); err != nil || !bytes.Equal(now, g) {
+					t.Fatalf("plain key %q holds %q, %v after Get and Remember; want the Node.js side's %q left alone", dk, now, err, g)
 				}
 			}
 			if m.opts.PlainJSON {

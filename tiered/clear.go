@@ -43,7 +43,8 @@ return g`)
 // (they expire on their own), and publishes a flush that makes every
 // instance drop its L1 entries of the namespace. In plain-JSON mode, where
 // keys carry no generation, Clear deletes the prefix's keys with SCAN and
-// UNLINK instead.
+// UNLINK instead: every key under KeyPrefix, the Node.js side's included,
+// which is why that mode needs a prefix of its own (Options.PlainJSON).
 func (c *Cache[V]) Clear(ctx context.Context) error {
 	if err := c.enter(); err != nil {
 		return err

@@ -98,7 +98,10 @@ func writeID() uint64 {
 func (c *Cache[V]) decode(raw []byte) (v V, payload []byte, found bool, err error) {
 	if c.opts.PlainJSON {
 		if err := c.opts.Codec.Unmarshal(raw, &v); err != nil {
-			return v, nil, false, fmt.Errorf("%w: %v", wire.ErrCorrupt, err)
+			// The key is shared with the Node.js side, which may have
+			// written a value of another shape: a miss, never deleted or
+			// overwritten (see foreign).
+			return v, nil, false, fmt.Errorf("%w: plain JSON this cache cannot read: %v", errForeign, err)
 		}
 		return v, raw, true, nil
 	}
@@ -147,7 +150,8 @@ end
 return 0`)
 
 // errForeign marks bytes this cache cannot read but another may: a newer
-// envelope version, another codec, a value over this instance's size limit.
+// envelope version, another codec, a value over this instance's size limit,
+// in plain-JSON mode anything under the key shared with the Node.js side.
 var errForeign = errors.New("tiered: value written by an incompatible writer")
 
 // foreign reports whether a decode error means "written by a writer this

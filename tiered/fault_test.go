@@ -55,6 +55,9 @@ func newInstance[V any](t *testing.T, s *redistest.Server, ns string, rdb *redis
 	t.Helper()
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
+		if opts.PlainJSON {
+			opts.KeyPrefix += "plain:" // a prefix of its own (see Options.PlainJSON)
+		}
 	}
 	bus := newBus(t, standalone{s}, rdb, bo)
 	c, err := New[V](ns, rdb, bus, opts)
@@ -571,6 +574,9 @@ func splitInstance(t *testing.T, s *redistest.Server, ns string, opts Options, b
 	t.Cleanup(func() { rdb.Close() })
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
+		if opts.PlainJSON {
+			opts.KeyPrefix += "plain:" // a prefix of its own (see Options.PlainJSON)
+		}
 	}
 	bus := newBus(t, standalone{s}, s.Client(t), bo)
 	c, err := New[string](ns, rdb, bus, opts)
@@ -762,6 +768,9 @@ func failingInstance(t *testing.T, s *redistest.Server, ns string, opts Options)
 	rdb.AddHook(failHook{fail})
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
+		if opts.PlainJSON {
+			opts.KeyPrefix += "plain:" // a prefix of its own (see Options.PlainJSON)
+		}
 	}
 	c, err := New[string](ns, rdb, bus, opts)
 	if err != nil {

@@ -135,6 +135,9 @@ func newFleetBus[V any](t testing.TB, s backend, n int, opts Options, bo invalid
 	ns := namespace(t)
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = s.Prefix()
+		if opts.PlainJSON {
+			opts.KeyPrefix += "plain:" // a prefix of its own (see Options.PlainJSON)
+		}
 	}
 	out := make([]*instance[V], n)
 	for i := range out {

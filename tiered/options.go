@@ -92,8 +92,14 @@ type Options struct {
 	// exactly KeyPrefix+key, so a Node.js service and this cache can share L2
 	// during a migration. It forces the JSON codec and disables compression.
 	// Clear becomes a SCAN+UNLINK of the prefix, and Delete a plain DEL.
-	// Absence (NegativeTTL) is remembered in L1 alone: plain JSON has no
-	// form for it that the Node.js side would read as such.
+	// So it needs a KeyPrefix of its own: not empty and not the Bus's,
+	// under which every namespace keeps its keys (New refuses both), and
+	// not shared with another plain-JSON cache, whose keys Clear would
+	// delete too. A value under the prefix this cache cannot decode (the
+	// Node.js side's, of another shape) is a miss: never deleted, never
+	// overwritten by Remember. Absence (NegativeTTL) is remembered in L1
+	// alone: plain JSON has no form for it that the Node.js side would read
+	// as such. Lease is not available.
 	PlainJSON bool
 
 	// CompressAbove s2-compresses encoded values longer than this many
@@ -220,6 +226,25 @@ type Options struct {
 }
 
 func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
+	var errs []error
+	if o.PlainJSON {
+		// Clear and a flush deleting every key under the prefix is right
+		// for a prefix of its own, and wipes every namespace (their data,
+		// their generations) under the shared default.
+		busPrefix := invalidate.DefaultPrefix
+		if bus != nil {
+			busPrefix = bus.Prefix()
+		}
+		switch o.KeyPrefix {
+		case "":
+			errs = append(errs, errors.New("tiered: PlainJSON needs a KeyPrefix of its own: the prefix of the keys shared with the Node.js side, every one of which Clear deletes"))
+		case busPrefix, invalidate.DefaultPrefix:
+			errs = append(errs, fmt.Errorf("tiered: PlainJSON KeyPrefix %q is the Bus's, under which every namespace keeps its keys: Clear would delete them all; give it a prefix of its own", o.KeyPrefix))
+		}
+		if o.Lease {
+			errs = append(errs, errors.New("tiered: Lease is not available with PlainJSON: its lease keys would sit among the keys shared with the Node.js side"))
+		}
+	}
 	if o.KeyPrefix == "" {
 		o.KeyPrefix = invalidate.DefaultPrefix
 	}
@@ -277,7 +302,6 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 			o.DegradedL1TTL = bus.HeartbeatTimeout()
 		}
 	}
-	var errs []error
 	if o.Mode > ModeRedis {
 		errs = append(errs, fmt.Errorf("tiered: unknown Mode %d", o.Mode))
 	}
