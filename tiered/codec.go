@@ -42,9 +42,11 @@ func (jsonCodec) ID() byte { return codecJSON }
 
 // Marshal writes what JSON.stringify writes: unlike json.Marshal it leaves
 // <, > and & alone (HTML escaping has no place in a cache, and it would
-// break byte-compatibility with a Node.js writer). The one difference left
-// is U+2028 and U+2029, which encoding/json always escapes; both sides
-// parse either form to the same string.
+// break byte-compatibility with a Node.js writer). Two differences are
+// left: U+2028 and U+2029, which encoding/json always escapes (both sides
+// parse either form to the same string), and integers beyond 2^53, which
+// this side writes exactly and JavaScript's numbers round (keep such IDs in
+// strings when both sides share values).
 func (jsonCodec) Marshal(v any) ([]byte, error) {
 	e := getJSONEncoder()
 	defer putJSONEncoder(e)
