@@ -821,6 +821,20 @@ func (c *Cache[V]) dataKey(gen uint64, key string) string {
 	return c.base + strconv.FormatUint(gen, 10) + ":{" + key + "}"
 }
 
+// leaseKey is where a load of key holds its lease (Options.Lease): the data
+// key with "lease:" after the generation, <base><gen>:lease:{<key>} (or
+// with the shard tag on a sharded Bus). It keeps the data key's hash tag, so
+// both share a slot, and no data key can have its shape, nor a DeletePattern
+// match one: those have '{' right after the generation. (It was <data
+// key>:lease, which on a sharded Bus is the data key of the user key
+// "<key>:lease" when both fall in one shard: a value stored there blocked
+// every Remember of key.)
+func (c *Cache[V]) leaseKey(gen uint64, key string) string {
+	dk := c.dataKey(gen, key)
+	at := len(c.base) + len(strconv.FormatUint(gen, 10)) + 1 // past "<base><gen>:"
+	return dk[:at] + "lease:" + dk[at:]
+}
+
 // shard is the shard channel of key on a sharded Bus.
 func (c *Cache[V]) shard(key string) int { return int(hashKey(key) % uint64(len(c.tags))) }
 

@@ -527,3 +527,90 @@ func TestOpCtx(t *testing.T) {
 		t.Fatal("CommandTimeout < 0: opCtx bounded the call anyway")
 	}
 }
+
+// TestCache_DeletePatternGlob: DeletePattern matches the user's pattern
+// against the user's keys alone. A namespace (or prefix, or schema) holding
+// glob characters is matched literally: before, "gx?"'s pattern deleted
+// "gxb"'s keys, and "g[v2]"'s deleted nothing of its own. A malformed
+// pattern is refused: before, "a[" and "a\" deleted the key "a". On a
+// sharded Bus a lease key cannot be a user's data key any more, nor be
+// matched by a pattern.
+func TestCache_DeletePatternGlob(t *testing.T) {
+	ctx := ctxT(t)
+	t.Run("namespaces with glob characters", func(t *testing.T) {
+		rdb := shared.Client(t)
+		bus := newBus(t, shared, rdb, invalidate.Options{})
+		suffix := namespace(t)
+		open := func(ns string) *Cache[string] {
+			c, err := New[string](ns, rdb, bus, Options{KeyPrefix: shared.Prefix()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			if err := c.Set(ctx, "k", ns, 0); err != nil {
+				t.Fatal(err)
+			}
+			return c
+		}
+		q, b := open("gx?"+suffix), open("gxb"+suffix)
+		br := open("g[v2]" + suffix)
+		if n, err := q.DeletePattern(ctx, "*"); err != nil || n != 1 {
+			t.Fatalf("DeletePattern(*) on %q = %d, %v; want its own 1 key", q.name, n, err)
+		}
+		if v, ok, err := b.Get(ctx, "k"); !ok || err != nil || v != b.name {
+			t.Fatalf("%q lost its key to %q's DeletePattern: %q, %v, %v", b.name, q.name, v, ok, err)
+		}
+		if n, err := br.DeletePattern(ctx, "*"); err != nil || n != 1 {
+			t.Fatalf("DeletePattern(*) on %q = %d, %v; want its own 1 key", br.name, n, err)
+		}
+	})
+	t.Run("malformed patterns", func(t *testing.T) {
+		c := newCache[string](t, Options{})
+		if err := c.Set(ctx, "a", "v", 0); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{"a[", `a\`, "*[^", "[a-"} {
+			if n, err := c.DeletePattern(ctx, p); !errors.Is(err, ErrInvalidKey) {
+				t.Errorf("DeletePattern(%q) = %d, %v; want ErrInvalidKey", p, n, err)
+			}
+		}
+		if v, ok, err := c.Get(ctx, "a"); !ok || err != nil || v != "v" {
+			t.Fatalf("a malformed pattern deleted the key: %q, %v, %v", v, ok, err)
+		}
+		for _, p := range []string{`a\[`, "[ab]", "[^b]", `[\]]`, "a?", "a*"} {
+			if _, err := c.DeletePattern(ctx, p); err != nil {
+				t.Errorf("DeletePattern(%q): %v", p, err)
+			}
+		}
+	})
+	t.Run("lease keys on a sharded Bus", func(t *testing.T) {
+		in := newFleetBus[string](t, shared, 1, Options{Lease: true, LoadTimeout: time.Second}, invalidate.Options{ShardChannels: 4})[0]
+		c := in.c
+		// A key whose "<key>:lease" falls in its shard: under the old
+		// layout its lease key was that user key's data key.
+		key := ""
+		for i := 0; key == ""; i++ {
+			if k := fmt.Sprint("user", i); c.shard(k) == c.shard(k+":lease") {
+				key = k
+			}
+		}
+		if err := c.Set(ctx, key+":lease", "a user's value", time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		load := func(context.Context, string) (string, error) { return "loaded", nil }
+		if v, err := c.Remember(ctx, key, load); err != nil || v != "loaded" {
+			t.Fatalf("Remember(%q) with a user key %q stored = %q, %v", key, key+":lease", v, err)
+		}
+		// A held lease is no key a pattern deletes.
+		lk := c.leaseKey(c.nsGen.Load(), "held")
+		if err := in.rdb.Set(ctx, lk, "token", time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.DeletePattern(ctx, "*"); err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := in.rdb.Exists(ctx, lk).Result(); n != 1 {
+			t.Fatal("DeletePattern(*) deleted a held lease")
+		}
+	})
+}

@@ -100,12 +100,23 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 // DeletePattern deletes every key of the namespace matching the Redis glob
 // pattern (SCAN MATCH, never KEYS; UNLINK in batches, on every master of a
 // cluster) and invalidates them in every instance's L1 with one message, or
-// a namespace-wide L1 flush when more than 1,000 keys matched. It returns
-// how many keys it deleted. It leaves no tombstones: a load already in
-// flight may store its value after the delete.
+// a namespace-wide L1 flush when more than 1,000 keys matched. The pattern
+// applies to user keys only (the namespace, prefix and schema are matched
+// literally); one ending in '\' or with a '[' but no ']' is refused with
+// ErrInvalidKey. It returns how many keys it deleted, tombstones and cached
+// absences included.
+//
+// It is not atomic, and leaves no tombstones (it deletes other writes'
+// tombstones too): a load already in flight may store its value after the
+// delete, and so may a Set that lands after the SCAN passed its key, even
+// one that returned before DeletePattern did. Only keys found in Redis are
+// invalidated: a copy an instance's L1 still holds after Redis lost the key
+// (evicted, or lost in a failover) lives until its L1 TTL. If Redis fails
+// part way, what is left goes to the outbox as a namespace flush: its
+// replay clears the whole namespace (like Clear), not only the pattern.
 func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, error) {
-	if pattern == "" {
-		return 0, fmt.Errorf("%w: empty pattern", ErrInvalidKey)
+	if err := checkGlob(pattern); err != nil {
+		return 0, err
 	}
 	if err := c.enter(); err != nil {
 		return 0, err
@@ -137,19 +148,22 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	if err != nil {
 		return 0, err
 	}
-	match := c.dataKey(gen, pattern)
-	// The key layout around an empty user key: what to strip before and after.
+	// The key layout around an empty user key: what to strip before and
+	// after. Its fixed parts are escaped in the glob: a namespace, prefix or
+	// schema may hold '*', '?', '[' or '\', which would otherwise match
+	// (and delete) other namespaces' keys.
 	before, after, _ := strings.Cut(c.dataKey(gen, ""), "{}")
 	before, after = before+"{", "}"+after
 	if c.opts.PlainJSON {
 		before, after = c.opts.KeyPrefix, ""
 	}
+	match := globEscape(before) + pattern + globEscape(after)
 	if c.tags != nil {
 		// <base><gen>:{<shard tag>}<key>: any shard's tag. A '}' in a key
 		// can make the glob match a little more than asked, which only
 		// deletes more (a cache miss, never a stale read).
 		before = c.base + strconv.FormatUint(gen, 10) + ":{"
-		match = before + c.tags[0][:len(c.tags[0])-1] + "*}" + pattern
+		match = globEscape(before+c.tags[0][:len(c.tags[0])-1]) + "*}" + pattern
 	}
 	var mu sync.Mutex // ForEachMaster runs masters concurrently
 	var keys []string
@@ -244,4 +258,52 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 		return len(userKeys), fmt.Errorf("tiered: delete pattern %q: %w", pattern, err)
 	}
 	return len(userKeys), nil
+}
+
+// globEscape escapes the characters Redis globs treat specially, so that s
+// matches only itself.
+func globEscape(s string) string {
+	if !strings.ContainsAny(s, `*?[]\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if strings.IndexByte(`*?[]\`, s[i]) >= 0 {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// checkGlob refuses a DeletePattern pattern that is empty or malformed: a
+// trailing '\' or a '[' without its ']'. Redis matches those loosely (the
+// layout's closing '}' then counts as part of them), so "a[" deleted "a".
+func checkGlob(pattern string) error {
+	if pattern == "" {
+		return fmt.Errorf("%w: empty pattern", ErrInvalidKey)
+	}
+	for i := 0; i < len(pattern); i++ {
+		switch pattern[i] {
+		case '\\':
+			if i++; i == len(pattern) {
+				return fmt.Errorf("%w: pattern %q ends in an escape", ErrInvalidKey, pattern)
+			}
+		case '[':
+			j := i + 1
+			if j < len(pattern) && pattern[j] == '^' {
+				j++
+			}
+			for ; j < len(pattern) && pattern[j] != ']'; j++ {
+				if pattern[j] == '\\' {
+					j++
+				}
+			}
+			if j >= len(pattern) {
+				return fmt.Errorf("%w: pattern %q has a '[' without its ']'", ErrInvalidKey, pattern)
+			}
+			i = j
+		}
+	}
+	return nil
 }

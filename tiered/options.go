@@ -192,7 +192,13 @@ type Options struct {
 	// 10 ms for its result, and take over if the lease expires first (the
 	// holder died), so they wait at most LoadTimeout for a dead holder.
 	// Off by default: each waiting instance costs a Redis read per poll.
-	// RememberMany's batch loads and refreshes take no lease.
+	// RememberMany's batch loads and refreshes take no lease. Limits: the
+	// lease lasts LoadTimeout and so does a waiter's whole wait, so when a
+	// holder dies a waiter that queued early has little time left to load
+	// and may fail with the deadline instead; when the holder's loader fails,
+	// the waiters do not get its error but take the lease one after another
+	// and each load; and a load that starts just after another stored and
+	// released runs a second time (its store is fenced off).
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both

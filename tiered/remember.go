@@ -929,7 +929,7 @@ return 0`)
 // value. expect is updated to what Redis held when the lease was taken.
 func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot, expect *[]byte) (r readResult[V], done bool, release func(), err error) {
 	dk := c.dataKey(gen, key)
-	lk := dk + ":lease"
+	lk := c.leaseKey(gen, key)
 	token := strconv.FormatUint(writeID(), 36)
 	h := hashKey(key)
 	for {

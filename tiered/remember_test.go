@@ -694,7 +694,7 @@ func TestRemember_LeaseTakeover(t *testing.T) {
 	src.put("k", "v")
 	ctx := ctxT(t)
 	// A dead holder: the lease exists, nobody will ever fill the key.
-	lk := c.dataKey(c.nsGen.Load(), "k") + ":lease"
+	lk := c.leaseKey(c.nsGen.Load(), "k")
 	if err := c.rdb.Set(ctx, lk, "dead-holder", 300*time.Millisecond).Err(); err != nil {
 		t.Fatal(err)
 	}
