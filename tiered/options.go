@@ -188,17 +188,16 @@ type Options struct {
 
 	// Lease makes Remember load each key once across the whole fleet, not
 	// once per instance: on a miss in Redis an instance takes a short lease
-	// (SET NX PX, for LoadTimeout) and loads; the others poll Redis every
-	// 10 ms for its result, and take over if the lease expires first (the
-	// holder died), so they wait at most LoadTimeout for a dead holder.
-	// Off by default: each waiting instance costs a Redis read per poll.
-	// RememberMany's batch loads and refreshes take no lease. Limits: the
-	// lease lasts LoadTimeout and so does a waiter's whole wait, so when a
-	// holder dies a waiter that queued early has little time left to load
-	// and may fail with the deadline instead; when the holder's loader fails,
-	// the waiters do not get its error but take the lease one after another
-	// and each load; and a load that starts just after another stored and
-	// released runs a second time (its store is fenced off).
+	// (SET NX PX, for a third of LoadTimeout, renewed while it loads) and
+	// loads; the others poll Redis every 10 ms for its result, and take over
+	// if the lease expires first (the holder died), so a dead holder delays
+	// them a third of LoadTimeout at most and they keep two thirds of it to
+	// load. Off by default: each waiting instance costs a Redis read per
+	// poll. RememberMany's batch loads and refreshes take no lease. Limits:
+	// when the holder's loader fails, the waiters do not get its error but
+	// take the lease one after another and each load; and a load that
+	// starts just after another stored and released runs a second time (its
+	// store is fenced off).
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both

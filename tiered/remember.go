@@ -913,6 +913,20 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 // Redis for its result.
 const leasePoll = 10 * time.Millisecond
 
+// renewScript extends a lease only if this load still holds it.
+var renewScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0`)
+
+// leaseTTL is how long a lease lives unless its holder renews it: a third
+// of LoadTimeout (at least leasePoll), so that when a holder dies the
+// instances waiting for it, whose wait LoadTimeout bounds too, still have
+// two thirds of it to load themselves. A live holder renews it every third
+// of it until it releases (see lease).
+func (c *Cache[V]) leaseTTL() time.Duration { return max(c.opts.LoadTimeout/3, leasePoll) }
+
 // releaseScript deletes a lease only if this load still holds it.
 var releaseScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -933,16 +947,45 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 	token := strconv.FormatUint(writeID(), 36)
 	h := hashKey(key)
 	for {
+		ttl := c.leaseTTL()
 		l2ctx, cancel := c.opCtx(ctx)
-		ok, err := c.rdb.SetNX(l2ctx, lk, token, c.opts.LoadTimeout).Result()
+		ok, err := c.rdb.SetNX(l2ctx, lk, token, ttl).Result()
 		cancel()
 		if err != nil {
+			// The SET may have taken the lease all the same (its reply
+			// lost): it expires in ttl, as a dead holder's does.
 			return r, false, nil, fmt.Errorf("tiered: lease %q: %w", key, err)
 		}
 		if ok {
 			c.st.leases.Add(1)
+			// Renew it while this load runs, so that only a dead holder's
+			// lease expires. The renewing goroutine belongs to this load:
+			// release stops it and waits for it.
+			bg := context.WithoutCancel(ctx)
+			stop, stopped := make(chan struct{}), make(chan struct{})
+			go func() {
+				defer close(stopped)
+				tick := time.NewTicker(ttl / 3)
+				defer tick.Stop()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+						rctx, cancel := context.WithTimeout(bg, ttl/3)
+						_ = renewScript.Run(rctx, c.rdb, []string{lk}, token, ttl.Milliseconds()).Err()
+						cancel()
+					}
+				}
+			}()
 			return r, false, func() {
-				ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.CommandTimeout)
+				close(stop)
+				<-stopped
+				d := c.opts.CommandTimeout
+				if d <= 0 {
+					d = ttl // CommandTimeout < 0: no bound of its own; the lease's life is one
+				}
+				ctx, cancel := context.WithTimeout(bg, d)
 				_ = releaseScript.Run(ctx, c.rdb, []string{lk}, token).Err()
 				cancel()
 			}, nil

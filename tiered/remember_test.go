@@ -729,6 +729,53 @@ func TestRemember_LeaseTakeover(t *testing.T) {
 	}
 }
 
+// TestRemember_LeaseRenewed: a lease lives a third of LoadTimeout unless its
+// holder renews it. So a dead holder's lease, which lived LoadTimeout,
+// leaves the instances waiting for it time to load (before, one that
+// queued at once failed with the deadline), and a live holder whose load
+// outlasts that third keeps it (a waiter does not load a second time).
+func TestRemember_LeaseRenewed(t *testing.T) {
+	opts := Options{Lease: true, LoadTimeout: 900 * time.Millisecond}
+	f := newFleet[string](t, shared, 2, opts)
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v")
+	// A holder that died just after it took its lease, as lease takes it.
+	lk := f[0].c.leaseKey(f[0].c.nsGen.Load(), "k")
+	if err := f[0].rdb.Set(ctx, lk, "dead-holder", f[0].c.leaseTTL()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || v != "v" {
+		t.Fatalf("Remember behind a dead holder = %q, %v; want a take-over and its own load", v, err)
+	}
+
+	src.put("slow", "loaded once")
+	release := make(chan struct{})
+	slow := func(ctx context.Context, k string) (string, error) {
+		<-release
+		return src.load(ctx, k)
+	}
+	first := make(chan error, 1)
+	go func() { _, err := f[0].c.Remember(ctx, "slow", slow); first <- err }()
+	eventually(t, 5*time.Second, "the first instance to hold the lease", func() bool {
+		return f[0].c.st.leases.Load() == 2
+	})
+	second := make(chan string, 1)
+	go func() { v, _ := f[1].c.Remember(ctx, "slow", src.load); second <- v }()
+	eventually(t, 5*time.Second, "the second instance to wait on the lease", func() bool { return f[1].c.st.leaseWaits.Load() > 0 })
+	time.Sleep(2 * f[0].c.leaseTTL()) // the holder's load outlasts its lease's own life: no event for that
+	close(release)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if v := <-second; v != "loaded once" {
+		t.Fatalf("the waiting instance got %q", v)
+	}
+	if n := src.loads.Load(); n != 2 { // "k" once, "slow" once
+		t.Fatalf("loads = %d, want 2: the waiter loaded although the holder was alive", n)
+	}
+}
+
 // TestRemember_StaleWhileRevalidate: past FreshFor, Remember answers at once
 // with the stale value and refreshes it in the background, once; another
 // instance sees the staleness from Redis too.
