@@ -28,11 +28,21 @@ func (c *Cache[V]) encodeRaw(v V) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tiered: encode: %w", err)
 	}
+	if c.opts.PlainJSON {
+		payload = bytes.Clone(payload) // it is stored as it is, and e's buffer goes back to the pool
+	}
+	return c.stored(payload)
+}
+
+// stored returns what is stored in Redis for an encoded payload within
+// MaxValueSize: the payload itself in plain-JSON mode, otherwise a new
+// envelope around it.
+func (c *Cache[V]) stored(payload []byte) ([]byte, error) {
 	if len(payload) > c.opts.MaxValueSize {
 		return nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
 	}
 	if c.opts.PlainJSON {
-		return bytes.Clone(payload), nil
+		return payload, nil
 	}
 	return c.envelope(payload)
 }
@@ -54,14 +64,10 @@ func (c *Cache[V]) encodeValue(v V) (raw, payload []byte, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if len(payload) > c.opts.MaxValueSize {
-		return nil, nil, fmt.Errorf("%w: %d bytes encoded, limit %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+	if raw, err = c.stored(payload); err != nil {
+		return nil, nil, err
 	}
-	if c.opts.PlainJSON {
-		return payload, payload, nil
-	}
-	raw, err = c.envelope(payload)
-	return raw, payload, err
+	return raw, payload, nil
 }
 
 // freshness returns when an encoded value goes stale (unix ns, 0: never)
@@ -91,6 +97,15 @@ func writeID() uint64 {
 			return id
 		}
 	}
+}
+
+// storedWriteID is the write ID of bytes read from Redis (see freshness): 0 for
+// plain JSON, which has none, and for anything too short to hold one. A
+// refresh of a value L1 kept alone replaces a write ID of its own, which
+// no bytes in Redis carry.
+func (c *Cache[V]) storedWriteID(raw []byte) uint64 {
+	_, wid := freshness(raw, c.opts.PlainJSON)
+	return wid
 }
 
 // decode parses bytes read from Redis. found is false for tombstones and

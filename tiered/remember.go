@@ -2,7 +2,6 @@ package tiered
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"strconv"
@@ -317,7 +316,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 				if foreign(derr) {
 					noStore = true
 				}
-			case found && replace != 0 && !c.opts.PlainJSON && binary.BigEndian.Uint64(raw[4:12]) == replace: // plain JSON has no write ID; a refresh of a value L1 kept alone has one
+			case found && replace != 0 && c.storedWriteID(raw) == replace:
 				c.st.l2Hits.Add(1)
 				expect = raw[4:12] // load, and store only over this very write
 				kept, keptUntil = &val, time.Now().Add(pttl.Val())
@@ -834,7 +833,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 					c.st.l2Misses.Add(1)
 					noStore[k] = foreign(derr)
 					toLoad = append(toLoad, k)
-				case found && replace[k] != 0 && !c.opts.PlainJSON && binary.BigEndian.Uint64(raw[4:12]) == replace[k]:
+				case found && replace[k] != 0 && c.storedWriteID(raw) == replace[k]:
 					c.st.l2Hits.Add(1)
 					expect[k] = raw[4:12] // load, and store only over this very write
 					toLoad = append(toLoad, k)

@@ -885,6 +885,36 @@ func (g *failGate) hold() bool {
 
 func (g *failGate) open() { g.once.Do(func() { close(g.release) }) }
 
+// loader returns a Loader that answers v, or while g fails "db down" once
+// g is opened.
+func (g *failGate) loader(v string) Loader[string] {
+	return func(context.Context, string) (string, error) {
+		if g.hold() {
+			return "", errors.New("db down")
+		}
+		return v, nil
+	}
+}
+
+// staleRefresh loads "k" into c (whose FreshFor is 50 ms), makes g fail,
+// waits past the fresh period and reads "k" once more: it returns that
+// stale answer, once the refresh it started is held in g.
+func staleRefresh[V any](t *testing.T, g *failGate, c *Cache[V], load Loader[V]) V {
+	t.Helper()
+	ctx := ctxT(t)
+	if _, err := c.Remember(ctx, "k", load); err != nil {
+		t.Fatal(err)
+	}
+	g.failing.Store(true)
+	time.Sleep(80 * time.Millisecond)    // past the fresh period: there is no event for it
+	v, err := c.Remember(ctx, "k", load) // stale: served, starts the refresh
+	if err != nil {
+		t.Fatalf("stale Remember: %v", err)
+	}
+	await(t, g.loading, "the refresh")
+	return v
+}
+
 // TestRemember_FailSafeForJoiners: a caller that finds no stale value of its
 // own (no L1 here) and joins a refresh that fails gets the stale value, as
 // the caller that started the refresh does, not the loader's error; the
@@ -893,12 +923,7 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
 	g := newFailGate(t)
-	load := func(context.Context, string) (string, error) {
-		if g.hold() {
-			return "", errors.New("db down")
-		}
-		return "v1", nil
-	}
+	load := g.loader("v1")
 	batch := func(ctx context.Context, keys []string) (map[string]string, error) {
 		out := map[string]string{}
 		for _, k := range keys {
@@ -1091,16 +1116,10 @@ func TestRemember_FailSafeJoinerGetsItsOwnCopy(t *testing.T) {
 		}
 		return map[string]string{"name": "v1"}, nil
 	}
-	if _, err := c.Remember(ctx, "k", load); err != nil {
-		t.Fatal(err)
+	a := staleRefresh(t, g, c, load)
+	if a["name"] != "v1" {
+		t.Fatalf("A = %v", a)
 	}
-	g.failing.Store(true)
-	time.Sleep(80 * time.Millisecond)
-	a, err := c.Remember(ctx, "k", load) // stale: served, starts the refresh
-	if err != nil || a["name"] != "v1" {
-		t.Fatalf("A = %v, %v", a, err)
-	}
-	await(t, g.loading, "the refresh")
 	a["name"] = "MUTATED BY CALLER A" // A owns its copy (CopyOnRead)
 	got := make(chan string, 1)
 	go func() { b, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(b["name"], " ", err) }()
@@ -1128,15 +1147,9 @@ func TestRemember_PanickingRefreshHeldOff(t *testing.T) {
 		}
 		return "v1", nil
 	}
-	if _, err := c.Remember(ctx, "k", load); err != nil {
-		t.Fatal(err)
+	if v := staleRefresh(t, g, c, load); v != "v1" {
+		t.Fatalf("stale = %q", v)
 	}
-	g.failing.Store(true)
-	time.Sleep(80 * time.Millisecond)
-	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
-		t.Fatalf("stale = %q, %v", v, err)
-	}
-	await(t, g.loading, "refresh")
 	got := make(chan error, 1)
 	go func() { _, err := c.Remember(ctx, "k", load); got <- err }()
 	waitWaiters(t, c, "k", 1)
@@ -1161,21 +1174,10 @@ func TestRemember_FailSafeEndsWithTTL(t *testing.T) {
 	c := newCache[string](t, Options{Mode: ModeRedis, TTL: 300 * time.Millisecond, TTLJitter: -1, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
 	ctx := ctxT(t)
 	g := newFailGate(t)
-	load := func(context.Context, string) (string, error) {
-		if g.hold() {
-			return "", errors.New("db down")
-		}
-		return "v1", nil
+	load := g.loader("v1")
+	if v := staleRefresh(t, g, c, load); v != "v1" {
+		t.Fatalf("stale = %q", v)
 	}
-	if _, err := c.Remember(ctx, "k", load); err != nil {
-		t.Fatal(err)
-	}
-	g.failing.Store(true)
-	time.Sleep(80 * time.Millisecond)
-	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
-		t.Fatalf("stale = %q, %v", v, err)
-	}
-	await(t, g.loading, "refresh")
 	time.Sleep(400 * time.Millisecond) // past TTL: the key is gone from Redis
 	got := make(chan string, 1)
 	go func() { v, err := c.Remember(ctx, "k", load); got <- fmt.Sprint(v, " ", err) }()
