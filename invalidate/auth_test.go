@@ -2,12 +2,15 @@ package invalidate
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/tiercache/tiercache/internal/redistest"
@@ -254,5 +257,54 @@ func TestBusSecretNotLogged(t *testing.T) {
 		if strings.Contains(out, enc) {
 			t.Errorf("log contains the secret (as %q): %s", enc, out)
 		}
+	}
+}
+
+// countingHandler counts the keys it is told to invalidate.
+type countingHandler struct{ keys atomic.Int64 }
+
+func (h *countingHandler) Invalidate(keys []string)     { h.keys.Add(int64(len(keys))) }
+func (h *countingHandler) Flush(uint64)                 {}
+func (h *countingHandler) Resync(context.Context) error { return nil }
+
+// TestBusSecretShardedConcurrentVerify: a sharded Bus verifies tags on one
+// goroutine per channel at once. They shared one HMAC state, which under
+// load either panicked in sha256 (killing the process) or rejected valid
+// messages, whose keys then stayed stale in L1.
+func TestBusSecretShardedConcurrentVerify(t *testing.T) {
+	s := redistest.Shared(t)
+	o := Options{ShardChannels: 4, Secret: secretA, BreakerThreshold: -1}
+	rb := newTestBus(t, s, s.Client(t), o)
+	sb := newTestBus(t, s, s.Client(t), o)
+	waitLive(t, rb)
+	waitLive(t, sb)
+	h := &countingHandler{}
+	if _, err := rb.Register("ns", h); err != nil {
+		t.Fatal(err)
+	}
+	const per = 2000
+	rdb := s.Client(t)
+	ctx := ctxT(t)
+	var wg sync.WaitGroup
+	for i := range rb.Shards() {
+		wg.Go(func() {
+			for j := range per {
+				msg, err := sb.KeysMessage("ns", []string{fmt.Sprintf("k%d-%d", i, j)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if err := rdb.SPublish(ctx, sb.ShardChannel(i), msg).Err(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	want := int64(per * rb.Shards())
+	pollUntil(t, busWait, "every message received", func() bool { return int64(rb.Stats().Received) >= want })
+	if st := rb.Stats(); st.Rejected != 0 || h.keys.Load() != want {
+		t.Fatalf("valid, authenticated invalidations lost: applied %d of %d keys; Stats %+v", h.keys.Load(), want, st)
 	}
 }

@@ -355,3 +355,53 @@ func TestOutboxDropAndClose(t *testing.T) {
 		t.Fatalf("%d drop warnings logged, want one per drop (3):\n%s", got, logs.String())
 	}
 }
+
+// flushThenDefer records replays and, once a flush's replay has reached
+// Redis but before the outbox settles it, defers a key of the namespace, as
+// a write failing at that moment would.
+type flushThenDefer struct {
+	*recorder
+	b       *Bus
+	once    sync.Once
+	mu      sync.Mutex
+	flushes int
+	keys    []string
+}
+
+func (d *flushThenDefer) Replay(_ context.Context, keys []string, flush bool) error {
+	d.mu.Lock()
+	if flush {
+		d.flushes++
+	} else {
+		d.keys = append(d.keys, keys...)
+	}
+	d.mu.Unlock()
+	if flush {
+		d.once.Do(func() { d.b.Defer("ns", "k") })
+	}
+	return nil
+}
+
+// TestOutboxDeferDuringFlushReplay: a key deferred while a pending flush
+// of its namespace is being replayed is covered by that flush only if the
+// flush reaches Redis after the key's write failed. The replay under way
+// went out before, so it must not settle the flush: the key's
+// invalidation (a second flush, or the key) still goes out. Before, the
+// deferred key was absorbed into the flush and the replay then removed it.
+func TestOutboxDeferDuringFlushReplay(t *testing.T) {
+	s := redistest.Shared(t)
+	b := newTestBus(t, s, s.Client(t), Options{BreakerThreshold: -1})
+	waitLive(t, b)
+	d := &flushThenDefer{recorder: newRecorder(t, b), b: b}
+	if _, err := b.Register("ns", d); err != nil {
+		t.Fatal(err)
+	}
+	b.DeferFlush("ns")
+	pollUntil(t, busWait, "outbox drained", func() bool { return b.OutboxDepth() == 0 })
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.flushes < 2 && !slices.Contains(d.keys, "k") {
+		t.Fatalf("the invalidation of k, deferred while the flush was being replayed, was lost: %d flush replays, keys replayed %q; Stats %+v",
+			d.flushes, d.keys, b.Stats())
+	}
+}

@@ -32,10 +32,12 @@
 // # Concurrency
 //
 // All methods are safe for concurrent use. Handlers are called from the
-// Bus's single receive goroutine and must return quickly.
+// Bus's receive goroutine (one per channel with ShardChannels, so then
+// concurrently) and must return quickly.
 //
 // # Lifecycle
 //
-// New starts the receive goroutine; Close stops it, waits for it and closes
-// the subscription. The Redis client belongs to the caller.
+// New starts the receive goroutines and the outbox's; Close stops them,
+// waits for them and closes the subscriptions. The Redis client belongs to
+// the caller.
 package invalidate

@@ -72,6 +72,12 @@ func (b *Bus) Defer(ns string, keys ...string) {
 		if b.obKeys > b.opts.OutboxLimit {
 			b.overflowLocked(ns, p)
 		}
+	} else {
+		// The pending flush covers these keys only if it reaches Redis
+		// after their write failed: a replay of it already under way must
+		// not settle it.
+		b.obSeq++
+		p.flush = b.obSeq
 	}
 	b.depth.Store(int64(b.obKeys + b.obFlushes))
 	b.obMu.Unlock()
