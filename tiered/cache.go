@@ -93,7 +93,8 @@ type Cache[V any] struct {
 
 	stripes []atomic.Uint32 // 32 bits: half the cache footprint; a wrap within an entry's life is out of reach
 	nsEpoch atomic.Uint64   // bumped by Clear and received flushes
-	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key)
+	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key); written under genMu
+	genMu   sync.Mutex      // orders the writes of nsGen (see resync)
 	base    string          // <prefix><name>:<schema>:
 	genKey  string
 	tags    []string // the Bus's shard tags; nil with classic pub/sub
@@ -559,19 +560,44 @@ func (c *Cache[V]) generation(ctx context.Context, s snapshot) (uint64, error) {
 	if c.opts.PlainJSON || s.epoch&1 == 0 {
 		return c.nsGen.Load(), nil
 	}
-	if err := c.resync(ctx); err != nil {
+	// For this call only: stored, a reply read before a Clear could land
+	// after the Bus's resync had stored the Clear's generation.
+	g, err := c.rdb.Get(ctx, c.genKey).Uint64()
+	if err != nil && !errors.Is(err, redis.Nil) {
 		return 0, fmt.Errorf("tiered: read namespace generation: %w", err)
 	}
-	return c.nsGen.Load(), nil
+	return g, nil
 }
 
+// resync reads the namespace generation from Redis and makes it the
+// cached one, even if it is lower (a Redis restart without persistence
+// starts generations again from 0). The lock is held across the read: the
+// Bus calls resync from each channel's goroutine when that channel
+// resubscribes, and a flush may arrive meanwhile on another one; without
+// it, a read from before a Clear could be stored after that Clear's flush
+// had moved the generation on, leaving a live instance on the retired
+// generation.
 func (c *Cache[V]) resync(ctx context.Context) error {
+	c.genMu.Lock()
+	defer c.genMu.Unlock()
 	g, err := c.rdb.Get(ctx, c.genKey).Uint64()
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return err
 	}
 	c.nsGen.Store(g)
 	return nil
+}
+
+// advanceGen moves the cached generation to g unless it is already there
+// or past it. Generations only grow (INCR), and a flush can carry an old
+// one: DeletePattern's reads the generation at its start, and a Clear can
+// run before it publishes.
+func (c *Cache[V]) advanceGen(g uint64) {
+	c.genMu.Lock()
+	if g > c.nsGen.Load() {
+		c.nsGen.Store(g)
+	}
+	c.genMu.Unlock()
 }
 
 // fill stores a value read under snapshot s in L1, unless the snapshot is
@@ -976,7 +1002,7 @@ func (h handler[V]) Flush(gen uint64) {
 		return
 	}
 	defer h.c.leave()
-	h.c.nsGen.Store(gen)
+	h.c.advanceGen(gen)
 	h.c.invalidateAll()
 	if h.c.afterApply != nil {
 		h.c.afterApply()

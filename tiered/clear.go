@@ -93,7 +93,7 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("tiered: clear: %w", err)
 	}
-	c.nsGen.Store(g)
+	c.advanceGen(g) // a later Clear's flush may be here first
 	return nil
 }
 

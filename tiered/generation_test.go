@@ -1,0 +1,270 @@
+package tiered
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/faultproxy"
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// commandHook calls on(cmd) before each command a client sends on its own
+// (pipelines are not seen).
+type commandHook struct {
+	on func(ctx context.Context, cmd redis.Cmder)
+}
+
+func (commandHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h commandHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.on(ctx, cmd)
+		return next(ctx, cmd)
+	}
+}
+func (commandHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestClear_DeletePatternFlushKeepsNewerGeneration: a DeletePattern that
+// matches more than batchLimit keys publishes a namespace flush carrying
+// the generation it read when it started. A Clear that ran meanwhile has
+// already moved every instance to the next generation, and the late flush
+// must not move them back: before, handler.Flush stored it, and every
+// instance but the DeletePattern's own served the values Clear had removed,
+// and wrote where the others never read, with the stream live, until it
+// next resubscribed.
+func TestClear_DeletePatternFlushKeepsNewerGeneration(t *testing.T) {
+	ns := namespace(t)
+	a, pa := proxied[string](t, srv, ns, Options{}, invalidate.Options{})
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	c := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	if err := b.c.Set(ctx, "old", "before-clear", 0); err != nil {
+		t.Fatal(err)
+	}
+	items := make(map[string]string, batchLimit+1)
+	for i := range batchLimit + 1 {
+		items[fmt.Sprintf("p%04d", i)] = "x"
+	}
+	if err := a.c.SetMany(ctx, items, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := applied(b.c)
+	// A's DeletePattern reads the generation first, then scans through a
+	// slow link; C's Clear runs once the first SCAN is on its way.
+	scanning := make(chan struct{})
+	var once sync.Once
+	a.rdb.AddHook(commandHook{on: func(_ context.Context, cmd redis.Cmder) {
+		if cmd.Name() == "scan" {
+			once.Do(func() { close(scanning) })
+		}
+	}})
+	pa.SetLatency(40 * time.Millisecond)
+	done := make(chan error, 1)
+	go func() { _, err := a.c.DeletePattern(ctx, "p*"); done <- err }()
+	await(t, scanning, "A's DeletePattern scanning")
+	if err := c.c.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "C's flush on B")
+	if err := <-done; err != nil {
+		t.Fatalf("DeletePattern: %v", err)
+	}
+	pa.SetLatency(0)
+	await(t, got, "A's DeletePattern flush on B")
+	for name, in := range map[string]*instance[string]{"A": a, "B": b, "C": c} {
+		if v, ok, err := in.c.Get(ctx, "old"); ok || err != nil {
+			t.Errorf("%s after Clear returned: Get(old) = %q, %v, %v; want a miss (its generation %d, Redis's %s)",
+				name, v, ok, err, in.c.nsGen.Load(), srv.Client(t).Get(ctx, in.c.genKey).Val())
+		}
+	}
+	if err := b.c.Set(ctx, "new", "from-b", 0); err != nil {
+		t.Fatal(err)
+	}
+	if v, ok, err := a.c.Get(ctx, "new"); !ok || err != nil || v != "from-b" {
+		t.Errorf("A: Get(new) = %q, %v, %v after B's Set returned; want from-b", v, ok, err)
+	}
+}
+
+// genGate holds a read of the namespace generation, made with a ctx that
+// carries gateKey, between its reply and its return.
+type genGate struct {
+	genKey  atomic.Pointer[string]
+	entered chan struct{}
+	release chan struct{}
+}
+
+type gateKey struct{}
+
+func (*genGate) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (g *genGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if k := g.genKey.Load(); k != nil && ctx.Value(gateKey{}) != nil && cmd.Name() == "get" && len(cmd.Args()) == 2 && cmd.Args()[1] == *k {
+			g.entered <- struct{}{}
+			<-g.release
+		}
+		return err
+	}
+}
+func (*genGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestDegraded_GenerationReadLeavesResync: while the stream is dead, a read
+// takes the namespace generation from Redis, for itself only. Before, it
+// stored it as the cache's: a reply read before a Clear, stored after the
+// Bus had resubscribed and its Resync had stored the Clear's generation,
+// left the instance live on the retired generation, serving what the
+// Clear removed and writing where no other instance reads.
+func TestDegraded_GenerationReadLeavesResync(t *testing.T) {
+	ns := namespace(t)
+	p, err := faultproxy.Start(srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	bo := srv.Options()
+	bo.Addr = p.Addr()
+	bo.DialTimeout = 200 * time.Millisecond
+	busRdb := redis.NewClient(bo)
+	t.Cleanup(func() { busRdb.Close() })
+	bus := newBus(t, standalone{srv}, busRdb, invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond, BreakerThreshold: -1})
+	gate := &genGate{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	cacheRdb := srv.Client(t)
+	cacheRdb.AddHook(gate)
+	a, err := New[string](ns, cacheRdb, bus, Options{KeyPrefix: srv.Prefix()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	gk := a.genKey
+	gate.genKey.Store(&gk)
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	if err := b.c.Set(ctx, "k", "before-clear", 0); err != nil {
+		t.Fatal(err)
+	}
+	p.Refuse(true)
+	p.Cut()
+	eventually(t, 5*time.Second, "A's Bus dead", func() bool { return !bus.Live() })
+	done := make(chan struct{})
+	go func() { defer close(done); _, _, _ = a.Get(context.WithValue(ctx, gateKey{}, true), "k") }()
+	await(t, gate.entered, "the degraded read's generation GET")
+	if err := b.c.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p.Refuse(false)
+	waitLiveT(t, bus, 5*time.Second)
+	if g := a.nsGen.Load(); g != 1 {
+		t.Fatalf("after Resync, A's generation = %d, want 1", g)
+	}
+	close(gate.release)
+	<-done
+	if !bus.Live() {
+		t.Fatal("A's Bus is no longer live")
+	}
+	if v, ok, err := a.Get(ctx, "k"); ok || err != nil {
+		t.Errorf("A, live, after Clear returned: Get(k) = %q, %v, %v; want a miss (A's generation %d, Redis's 1)", v, ok, err, a.nsGen.Load())
+	}
+	if err := a.Set(ctx, "n", "from-a", 0); err != nil {
+		t.Fatal(err)
+	}
+	if v, ok, err := b.c.Get(ctx, "n"); !ok || err != nil || v != "from-a" {
+		t.Errorf("B: Get(n) = %q, %v, %v after A's Set returned; want from-a", v, ok, err)
+	}
+}
+
+// TestGeneration_ResyncOrderedWithFlush: a sharded Bus calls Resync from
+// the goroutine of whichever channel resubscribed, while a flush can
+// arrive on channel 0's. A Resync whose read of the generation predates a
+// Clear must not store it after that Clear's flush was applied: the
+// instance would be live on the retired generation. Resync holds the
+// cache's generation lock across its read, so the flush applies after it.
+func TestGeneration_ResyncOrderedWithFlush(t *testing.T) {
+	ns := namespace(t)
+	gate := &genGate{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	rdb := srv.Client(t)
+	rdb.AddHook(gate)
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
+	a, err := New[string](ns, rdb, bus, Options{KeyPrefix: srv.Prefix()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	gk := a.genKey
+	gate.genKey.Store(&gk)
+	ctx := ctxT(t)
+	h := handler[string]{a}
+	resynced := make(chan error, 1)
+	go func() { resynced <- h.Resync(context.WithValue(ctx, gateKey{}, true)) }()
+	await(t, gate.entered, "Resync's read of the generation") // it read 0
+	g, err := srv.Client(t).Incr(ctx, a.genKey).Uint64()      // a Clear elsewhere
+	if err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan struct{})
+	go func() { h.Flush(g); close(flushed) }() // its flush, on another channel's goroutine
+	select {
+	case <-flushed: // without the lock, the flush lands while Resync holds its read
+	case <-time.After(50 * time.Millisecond): // with it, the flush waits for Resync
+	}
+	close(gate.release)
+	if err := <-resynced; err != nil {
+		t.Fatal(err)
+	}
+	<-flushed
+	if got := a.nsGen.Load(); got != g {
+		t.Fatalf("generation after a Resync that read 0 and the flush of Clear's %d = %d, want %d", g, got, g)
+	}
+}
+
+// TestClear_KeepsNewerGenerationFromFlush: a Clear stores the generation
+// its script returned, but another instance's later Clear can be applied
+// here (its flush) before that reply arrives. The older generation must
+// not replace the newer one. A's commands go through a slow link, its Bus
+// does not: B's flush overtakes A's reply.
+func TestClear_KeepsNewerGenerationFromFlush(t *testing.T) {
+	ns := namespace(t)
+	p, err := faultproxy.Start(srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	o := srv.Options()
+	o.Addr = p.Addr()
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
+	a, err := New[string](ns, rdb, bus, Options{KeyPrefix: srv.Prefix(), CommandTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	got := applied(a)
+	server := srv.Client(t)
+	p.SetLatency(300 * time.Millisecond)
+	cleared := make(chan error, 1)
+	go func() { cleared <- a.Clear(ctx) }()
+	eventually(t, 5*time.Second, "A's Clear to reach Redis (generation 1)", func() bool {
+		return server.Get(ctx, a.genKey).Val() == "1"
+	})
+	if err := b.c.Clear(ctx); err != nil { // generation 2
+		t.Fatal(err)
+	}
+	await(t, got, "B's flush applied on A")
+	if err := <-cleared; err != nil {
+		t.Fatal(err)
+	}
+	if g := a.nsGen.Load(); g != 2 {
+		t.Fatalf("A's generation after its Clear (1) and B's later one (2, applied first) = %d, want 2", g)
+	}
+}
