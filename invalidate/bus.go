@@ -36,16 +36,21 @@ type Options struct {
 	// each other's messages. Zero means DefaultPrefix.
 	Prefix string
 
-	// HeartbeatInterval is how long the subscription may be idle before the
-	// Bus pings Redis over it. Zero means DefaultHeartbeatInterval.
+	// HeartbeatInterval is how often the Bus pings Redis over its
+	// subscription, whether or not messages flow. Zero means
+	// DefaultHeartbeatInterval.
 	HeartbeatInterval time.Duration
 
-	// HeartbeatTimeout is how long the Bus may go without hearing anything on
-	// its subscription (a message, a pong, a confirmation) before it declares
-	// the stream dead. While dead, caches bypass L1; when the Bus subscribes
-	// again every cache's L1 is invalidated. This is the staleness bound under
-	// faults. Zero means DefaultHeartbeatTimeout. It must exceed
-	// HeartbeatInterval.
+	// HeartbeatTimeout is how long the Bus may go without confirming that
+	// its subscription is current before it declares the stream dead. A
+	// pong confirms it as of when its ping was sent (and the subscription's
+	// confirmation as of the SUBSCRIBE): everything published before then
+	// has been received. Messages alone confirm nothing, as they may arrive
+	// late. While dead, caches bypass L1; when the Bus subscribes again
+	// every cache's L1 is invalidated. This is the staleness bound under
+	// faults. Pings go out every HeartbeatInterval, so a link whose round
+	// trip exceeds HeartbeatTimeout - HeartbeatInterval counts as dead.
+	// Zero means DefaultHeartbeatTimeout. It must exceed HeartbeatInterval.
 	HeartbeatTimeout time.Duration
 
 	// Secret, when set, authenticates invalidation messages: every message
@@ -134,9 +139,12 @@ func (o Options) withDefaults() (Options, error) {
 }
 
 // Handler receives the messages of one namespace. Its methods are called
-// from the Bus's receive goroutine, one at a time, outside any lock of the
-// Bus. They must return quickly and must not block on Redis: a slow handler
-// delays every other namespace's invalidations.
+// from the Bus's receive goroutine, outside any lock of the Bus. A Bus with
+// ShardChannels has one receive goroutine per channel, and calls a
+// handler's methods concurrently from them: Resync on one channel can
+// overlap Invalidate or Flush on another. They must return quickly and must
+// not block on Redis (but for Resync and FlushResync): a slow handler delays
+// every other namespace's invalidations.
 type Handler interface {
 	// Invalidate is called with the keys of a received keys message.
 	// The slice must not be retained.
@@ -177,8 +185,9 @@ var ErrClosed = errors.New("invalidate: bus closed")
 var ErrDuplicateNamespace = errors.New("invalidate: namespace already registered")
 
 // Bus is the invalidation stream of one process for one Redis deployment.
-// Caches of every namespace share it. It owns one goroutine and one pub/sub
-// connection, both stopped by Close; it never closes the Redis client it was
+// Caches of every namespace share it. It owns a receive goroutine and a
+// pub/sub connection per channel (one, or ShardChannels), and the outbox's
+// goroutine, all stopped by Close; it never closes the Redis client it was
 // given.
 //
 // All methods are safe for concurrent use.
@@ -673,6 +682,7 @@ func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, e
 		b.psMu.Unlock()
 		_ = ps.Close()
 	}()
+	sentAt := time.Now() // everything published before this is delivered before the confirmation
 	subCtx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatTimeout)
 	if s.sharded {
 		// A ClusterClient routes the connection by the channel's slot.
@@ -684,38 +694,36 @@ func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, e
 	if err != nil {
 		return wasLive, fmt.Errorf("subscribe: %w", err)
 	}
-	// The stream is dead after HeartbeatTimeout of silence, or when a ping
-	// goes unanswered for HeartbeatTimeout. A ping goes out every
-	// HeartbeatInterval whether or not messages flow, so a stream that
-	// still delivers but lags (a slow link, a backlog in Redis's output
-	// buffer) is caught as well: its pongs come late, while its late
-	// messages would keep a silence check happy.
-	heard := time.Now()
-	lastPing := heard
-	var pingAt time.Time // when the unanswered ping was sent; zero: none
+	// heard is how current the stream is known to be: the send time of the
+	// last command (SUBSCRIBE, PING) whose reply has arrived. Replies and
+	// messages share one ordered connection, so every message published
+	// before that command reached Redis has been received by then. The
+	// stream is dead once heard is HeartbeatTimeout old. A message's
+	// arrival does not move heard: it says nothing of how late it is. So a
+	// stream that still delivers but lags (a slow link, a backlog in Redis's
+	// output buffer) and then goes silent is declared dead HeartbeatTimeout
+	// after the last moment it was known current, not after its last late
+	// message, and no L1 entry outlives the bound by the lag.
+	heard := sentAt
+	lastPing := time.Now()
+	var pings []time.Time // send times of the unanswered pings, oldest first
 	for {
 		now := time.Now()
 		if now.Sub(heard) >= b.opts.HeartbeatTimeout {
-			return wasLive, errors.New("heartbeat timeout")
+			return wasLive, errors.New("heartbeat timeout: nothing confirmed current for HeartbeatTimeout")
 		}
-		if !pingAt.IsZero() && now.Sub(pingAt) >= b.opts.HeartbeatTimeout {
-			return wasLive, errors.New("heartbeat timeout: ping unanswered (stream lagging)")
-		}
-		if pingAt.IsZero() && now.Sub(lastPing) >= b.opts.HeartbeatInterval {
+		// Pings go out on a schedule, answered or not, so that a lagging
+		// stream still confirms itself every HeartbeatInterval + its lag.
+		if now.Sub(lastPing) >= b.opts.HeartbeatInterval {
 			pctx, cancel := context.WithTimeout(ctx, b.opts.HeartbeatInterval)
 			err := ps.Ping(pctx)
 			cancel()
 			if err != nil {
 				return wasLive, fmt.Errorf("ping: %w", err)
 			}
-			pingAt, lastPing = now, now
+			pings, lastPing = append(pings, now), now
 		}
-		wait := b.opts.HeartbeatTimeout - time.Since(heard)
-		if pingAt.IsZero() {
-			wait = min(wait, b.opts.HeartbeatInterval-time.Since(lastPing))
-		} else {
-			wait = min(wait, b.opts.HeartbeatTimeout-time.Since(pingAt))
-		}
+		wait := min(b.opts.HeartbeatTimeout-time.Since(heard), b.opts.HeartbeatInterval-time.Since(lastPing))
 		msg, err := ps.ReceiveTimeout(ctx, max(wait, time.Millisecond))
 		if err != nil {
 			if ctx.Err() != nil {
@@ -727,10 +735,9 @@ func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, e
 			}
 			continue
 		}
-		heard = time.Now()
-		b.lastHeard.Store(heard.UnixNano())
-		if _, ok := msg.(*redis.Pong); ok {
-			pingAt = time.Time{}
+		b.lastHeard.Store(time.Now().UnixNano())
+		if _, ok := msg.(*redis.Pong); ok && len(pings) > 0 {
+			heard, pings = pings[0], pings[1:]
 		}
 		switch m := msg.(type) {
 		case *redis.Subscription:
