@@ -405,3 +405,53 @@ func TestOutboxDeferDuringFlushReplay(t *testing.T) {
 			d.flushes, d.keys, b.Stats())
 	}
 }
+
+// refusal is an error reply from Redis.
+type refusal string
+
+func (e refusal) Error() string { return string(e) }
+func (refusal) RedisError()     {}
+
+// refuseKeys fails every replay of keys with an error reply that is not an
+// outage, as Redis refusing a command would, and accepts flushes.
+type refuseKeys struct {
+	*recorder
+	mu      sync.Mutex
+	keys    int
+	flushes int
+}
+
+func (r *refuseKeys) Replay(_ context.Context, keys []string, flush bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !flush {
+		r.keys++
+		return refusal("NOPERM this user has no permissions to run the 'publish' command")
+	}
+	r.flushes++
+	return nil
+}
+
+// TestOutboxRefusedKeysBecomeFlush: keys whose replay fails for a reason
+// other than Redis being unavailable would fail the same way forever, and
+// the Bus replays before trusting L1 again, so it would never be live.
+// They become a namespace flush, which goes out.
+func TestOutboxRefusedKeysBecomeFlush(t *testing.T) {
+	s := redistest.Shared(t)
+	b := newTestBus(t, s, s.Client(t), Options{BreakerThreshold: -1})
+	waitLive(t, b)
+	r := &refuseKeys{recorder: newRecorder(t, b)}
+	if _, err := b.Register("ns", r); err != nil {
+		t.Fatal(err)
+	}
+	b.Defer("ns", "a", "b")
+	pollUntil(t, busWait, "outbox drained", func() bool { return b.OutboxDepth() == 0 })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.keys != 1 || r.flushes != 1 {
+		t.Fatalf("replays: %d of keys (refused), %d flushes; want 1 and 1", r.keys, r.flushes)
+	}
+	if b.Pending("ns", "a") {
+		t.Fatal("a still pending after the flush was replayed")
+	}
+}

@@ -7,6 +7,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/tiercache/tiercache/metrics"
 )
 
@@ -221,6 +223,9 @@ func (b *Bus) replay(ctx context.Context, ns string) error {
 					if firstErr == nil {
 						firstErr = err
 					}
+					if j.flush == 0 && refusedForGood(err) {
+						b.keysToFlush(j.ns, err)
+					}
 					continue
 				}
 			}
@@ -261,6 +266,37 @@ func (b *Bus) replay(ctx context.Context, ns string) error {
 		}
 	}
 	return firstErr
+}
+
+// refusedForGood reports whether a replay's error would come back on every
+// retry: a message the encoder rejects, or an error reply from Redis that
+// does not mean "not now" (NOPERM, a script error).
+func refusedForGood(err error) bool {
+	if errors.Is(err, ErrMalformed) {
+		return true
+	}
+	var re redis.Error
+	return errors.As(err, &re) && !errors.Is(err, redis.Nil) && !Unavailable(err)
+}
+
+// keysToFlush turns ns's pending keys into a namespace flush after their
+// replay failed for a reason other than Redis being unavailable (a refused
+// command, a message the encoder rejects): retrying the same keys would
+// fail forever, and the Bus, which replays before it trusts L1 again,
+// would never be live. A flush is one small message, and covers them.
+func (b *Bus) keysToFlush(ns string, err error) {
+	b.obMu.Lock()
+	p := b.outbox[ns]
+	if p == nil || p.flush != 0 {
+		b.obMu.Unlock()
+		return
+	}
+	b.flushLocked(p)
+	b.depth.Store(int64(b.obKeys + b.obFlushes))
+	b.obMu.Unlock()
+	b.logf(slog.LevelWarn, "tiercache: replaying invalidations failed, not for an outage; the namespace will be flushed instead",
+		"namespace", ns, "err", err)
+	b.kick()
 }
 
 // ReplayNow replays what the outbox holds for namespace ns at once, on the
