@@ -763,6 +763,10 @@ func (b *Bus) session(ctx context.Context, s *sub, first *bool) (wasLive bool, e
 			*first = false
 			b.setLive(s, true)
 			wasLive = true
+			// The new epoch voided L1, so whatever it holds from now on was
+			// read after this instant: for it, the stream is as current as
+			// it needs to be here, however long the resync and replay took.
+			heard = time.Now()
 		case *redis.Message:
 			if err := b.dispatch(ctx, m.Payload); err != nil {
 				return wasLive, err

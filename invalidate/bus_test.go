@@ -890,3 +890,47 @@ func TestBusStress(t *testing.T) {
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
+
+// slowResync takes longer than HeartbeatTimeout to resync once asked to.
+type slowResync struct {
+	*recorder
+	slow  atomic.Bool
+	delay time.Duration
+}
+
+func (h *slowResync) Resync(ctx context.Context) error {
+	if h.slow.Load() {
+		time.Sleep(h.delay) // past ctx's deadline, as a slow handler might
+	}
+	return nil
+}
+
+// TestBusSlowResyncStaysLive: a resubscription whose resync takes longer
+// than HeartbeatTimeout still ends live. L1 holds nothing from before the
+// new epoch, so the stream needs confirming only from then on; counted from
+// the SUBSCRIBE, the Bus would time out right after going live, and again
+// after every resubscription, never staying live.
+func TestBusSlowResyncStaysLive(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	s := redistest.Start(t)
+	b := newTestBus(t, s, s.Client(t), Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: timeout, BreakerThreshold: -1})
+	h := &slowResync{recorder: newRecorder(t, b), delay: timeout + 100*time.Millisecond}
+	if _, err := b.Register("ns", h); err != nil {
+		t.Fatal(err)
+	}
+	waitLive(t, b)
+	h.slow.Store(true)
+	if n := s.KillPubSub(t); n < 1 {
+		t.Fatalf("KillPubSub killed %d clients, want >= 1", n)
+	}
+	pollUntil(t, busWait, "the Bus back live after its slow resync", func() bool { return b.Stats().Reconnects >= 1 && b.Live() })
+	epoch := b.Epoch()
+	// Three timeouts without a reset: the Bus stays live.
+	deadline := time.Now().Add(3 * timeout)
+	for time.Now().Before(deadline) {
+		if e := b.Epoch(); e != epoch {
+			t.Fatalf("epoch %d -> %d within %v of going live: the stream was declared dead again (Stats %+v)", epoch, e, 3*timeout, b.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
