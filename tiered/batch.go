@@ -20,6 +20,41 @@ import (
 // batches are split, each part with its own invalidation.
 const batchLimit = 1000
 
+// batchKeyBytes bounds what one transaction's keys take in its invalidation
+// message (each key and the uvarint of its length: keyWireLen), so that the
+// message stays within invalidate.MaxMessageSize, which the Bus refuses to
+// encode past. The rest of a message takes at most 314 bytes (docs/wire.md
+// section 4: magic, version, kind and flags 4, origin 16, seq up to 10,
+// time 8, namespace up to 2+255, key count up to 3, a Secret's tag 16); a
+// KiB leaves room to spare. Split by key count alone, 300 keys of 4,000
+// bytes (MaxKeyLen may be raised to invalidate.MaxKeyLen) made one message
+// over the limit: the write failed, and so did every replay of its keys
+// from the outbox, which kept them pending and the Bus from going live.
+const batchKeyBytes = invalidate.MaxMessageSize - 1<<10
+
+// keyWireLen is what key takes in an invalidation message: its bytes and
+// the uvarint of its length (one byte below 128, two up to
+// invalidate.MaxKeyLen).
+func keyWireLen(key string) int {
+	if len(key) < 1<<7 {
+		return len(key) + 1
+	}
+	return len(key) + 2
+}
+
+// oneBatch reports whether keys fit one transaction as they are: at most
+// batchLimit keys whose invalidation fits one message.
+func oneBatch(keys []string) bool {
+	if len(keys) > batchLimit {
+		return false
+	}
+	n := 0
+	for _, k := range keys {
+		n += keyWireLen(k)
+	}
+	return n <= batchKeyBytes
+}
+
 // GetMany returns the values stored under keys; missing keys are absent from
 // the map. L1 hits are served first; the rest are read from Redis in one
 // pipelined round trip. On error the map holds what was found before it.
@@ -148,8 +183,9 @@ func (c *Cache[V]) readEntry(e *entry[V]) (V, bool, error) {
 }
 
 // SetMany stores every item for ttl (0 means Options.TTL), like Set, with
-// one invalidation message per batch of up to 1,000 keys, each batch one
-// atomic round trip.
+// one invalidation message per batch of up to 1,000 keys (fewer when the
+// keys are long: a message holds at most about 1 MiB of them), each batch
+// one atomic round trip.
 func (c *Cache[V]) SetMany(ctx context.Context, items map[string]V, ttl time.Duration) error {
 	keys := make([]string, 0, len(items))
 	vals := make([]V, 0, len(items))
@@ -310,7 +346,7 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, items writeIte
 		}
 		return err
 	}
-	if _, cluster := c.rdb.(*redis.ClusterClient); len(keys) == 1 || len(keys) <= batchLimit && c.tags == nil && !cluster {
+	if _, cluster := c.rdb.(*redis.ClusterClient); len(keys) == 1 || c.tags == nil && !cluster && oneBatch(keys) {
 		return c.writeBatch(ctx, gen, keys, items, local) // one transaction: no split, no copies
 	}
 	return c.writeBatches(ctx, gen, keys, items, local)
@@ -387,9 +423,10 @@ func (c *Cache[V]) writeBatch(ctx context.Context, gen uint64, keys []string, it
 }
 
 // batches splits keys (by index) into the write transactions that carry
-// them: at most batchLimit keys each and, in a cluster, keys of one slot
-// each, since a transaction may not span slots there. PUBLISH has no key and
-// rides along with any slot.
+// them: at most batchLimit keys each, whose invalidation fits one message
+// (batchKeyBytes), and, in a cluster, keys of one slot each, since a
+// transaction may not span slots there. PUBLISH has no key and rides along
+// with any slot.
 //
 // On a sharded Bus every batch holds keys of one shard, whose channel its
 // SPUBLISH uses (and whose tag puts the keys and the channel in one slot).
@@ -412,19 +449,31 @@ func (c *Cache[V]) batches(gen uint64, keys []string) [][]int {
 			bySlot[s] = append(bySlot[s], i)
 		}
 		for _, s := range order {
-			idx := bySlot[s]
-			for start := 0; start < len(idx); start += batchLimit {
-				out = append(out, idx[start:min(start+batchLimit, len(idx))])
-			}
+			out = splitBatch(out, bySlot[s], keys)
 		}
 		return out
 	}
-	for start := 0; start < len(keys); start += batchLimit {
-		idx := make([]int, 0, min(batchLimit, len(keys)-start))
-		for i := start; i < min(start+batchLimit, len(keys)); i++ {
-			idx = append(idx, i)
+	idx := make([]int, len(keys))
+	for i := range idx {
+		idx[i] = i
+	}
+	return splitBatch(out, idx, keys)
+}
+
+// splitBatch appends idx (indexes into keys) to out in runs of at most
+// batchLimit keys that take at most batchKeyBytes in a message.
+func splitBatch(out [][]int, idx []int, keys []string) [][]int {
+	start, size := 0, 0
+	for i, j := range idx {
+		n := keyWireLen(keys[j])
+		if i > start && (i-start == batchLimit || size+n > batchKeyBytes) {
+			out = append(out, idx[start:i])
+			start, size = i, 0
 		}
-		out = append(out, idx)
+		size += n
+	}
+	if start < len(idx) {
+		out = append(out, idx[start:])
 	}
 	return out
 }

@@ -316,6 +316,73 @@ func TestCache_BadInput(t *testing.T) {
 	}
 }
 
+// TestSetMany_SplitsByMessageSize: a batch is split by the size of its
+// invalidation message as well as by its key count. 300 keys of 4,000
+// bytes (MaxKeyLen raised to the wire's 4,096) make one message over
+// invalidate.MaxMessageSize: before, SetMany failed, its keys went to the
+// outbox, whose replay failed the same way for ever, and reads of them
+// skipped Redis even after a successful Set. Every part's invalidation
+// reaches the other instance (under a Secret: tagged messages are the
+// longest), and the parts of the longest keys fit a message even in the
+// longest namespace.
+func TestSetMany_SplitsByMessageSize(t *testing.T) {
+	bo := invalidate.Options{Secret: []byte("0123456789abcdef-shared-secret")}
+	f := newFleetBus[string](t, shared, 2, Options{MaxKeyLen: 4096}, bo)
+	a, b := f[0].c, f[1].c
+	ctx := ctxT(t)
+	bApplied := applied(b)
+	items := make(map[string]string, 300)
+	keys := make([]string, 0, 300)
+	for i := range 300 {
+		k := fmt.Sprintf("%04d", i) + strings.Repeat("k", 3996)
+		items[k] = "v"
+		keys = append(keys, k)
+	}
+	if err := a.SetMany(ctx, items, 0); err != nil {
+		t.Fatalf("SetMany(300 valid keys of 4000 bytes) = %v; want nil", err)
+	}
+	parts := len(a.batches(a.nsGen.Load(), keys))
+	if parts < 2 {
+		t.Fatalf("300 keys of 4000 bytes go out in %d transaction; want them split by message size", parts)
+	}
+	awaitParts := func(what string) {
+		t.Helper()
+		for range parts {
+			await(t, bApplied, what)
+		}
+	}
+	awaitParts("B applying SetMany's invalidations")
+	if err := a.Set(ctx, keys[0], "fresh", 0); err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	await(t, bApplied, "B applying Set's invalidation")
+	mustGet(t, a, keys[0], "fresh", "A after a successful Set")
+	if got, err := b.GetMany(ctx, keys); err != nil || len(got) != 300 {
+		t.Fatalf("B: GetMany = %d values, %v; want 300", len(got), err)
+	}
+	if err := a.DeleteMany(ctx, keys...); err != nil {
+		t.Fatalf("DeleteMany(300 keys of 4000 bytes) = %v; want nil", err)
+	}
+	awaitParts("B applying DeleteMany's invalidations")
+	if got, err := b.GetMany(ctx, keys); err != nil || len(got) != 0 {
+		t.Fatalf("B after A's DeleteMany: GetMany = %d values, %v; want none", len(got), err)
+	}
+
+	longest := make([]string, 1000)
+	for i := range longest {
+		longest[i] = fmt.Sprintf("%04d", i) + strings.Repeat("k", invalidate.MaxKeyLen-4)
+	}
+	for _, part := range a.batches(0, longest) {
+		ks := make([]string, len(part))
+		for i, j := range part {
+			ks[i] = longest[j]
+		}
+		if _, err := a.bus.KeysMessage(strings.Repeat("n", 255), ks); err != nil {
+			t.Fatalf("a part of %d keys of %d bytes in a 255-byte namespace: %v", len(ks), invalidate.MaxKeyLen, err)
+		}
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 

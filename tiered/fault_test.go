@@ -715,6 +715,41 @@ func TestClose_BoundedWhileAnotherReplayRuns(t *testing.T) {
 	}
 }
 
+// An outbox holding more keys than one invalidation message can carry
+// (300 of 4,000 bytes: over invalidate.MaxMessageSize) replays them in
+// parts. Before, the replay failed for ever, and since the Bus replays the
+// outbox before it trusts a new subscription, a Bus whose subscription
+// dropped never went live again: every Get failed with ErrCircuitOpen
+// while Redis was healthy.
+func TestOutbox_ReplaySplitsByMessageSize(t *testing.T) {
+	s := redistest.Start(t)
+	a, _, fail := failingInstance(t, s, namespace(t), Options{MaxKeyLen: 4096})
+	ctx := ctxT(t)
+	items := map[string]string{}
+	for i := range 300 {
+		items[strconv.Itoa(1000+i)+strings.Repeat("k", 3996)] = "v"
+	}
+	fail.Store(true)
+	if err := a.c.SetMany(ctx, items, 0); err == nil {
+		t.Fatal("SetMany while Redis fails: no error")
+	}
+	fail.Store(false)
+	if n := a.bus.OutboxDepth(); n != 300 {
+		t.Fatalf("outbox depth after the failed SetMany = %d, want 300", n)
+	}
+	epoch := a.bus.Epoch()
+	t.Logf("killed %d", s.KillPubSub(t))
+	eventually(t, 2*time.Second, "the Bus to notice the killed subscription", func() bool { return a.bus.Epoch() != epoch })
+	waitLiveT(t, a.bus, 5*time.Second)
+	if st := a.bus.Stats(); st.OutboxDepth != 0 || st.Replayed != 300 {
+		t.Fatalf("after the Bus went live: outbox depth %d, replayed %d; want 0, 300", st.OutboxDepth, st.Replayed)
+	}
+	key := "1000" + strings.Repeat("k", 3996)
+	if v, ok, err := a.c.Get(ctx, key); err != nil || ok {
+		t.Fatalf("Get(replayed key) = %q, %v, %v; want a miss (the replay left a tombstone)", v, ok, err)
+	}
+}
+
 // failHook fails every command of a client while on is set, as a Redis
 // that stopped answering would, without touching the Bus's connection.
 type failHook struct{ on *atomic.Bool }
