@@ -383,6 +383,42 @@ func TestSetMany_SplitsByMessageSize(t *testing.T) {
 	}
 }
 
+// TestDeletePattern_LongKeysFlush: when the matched keys' names would make
+// one invalidation message pass invalidate.MaxMessageSize (300 keys of
+// 4,000 bytes), DeletePattern invalidates with a namespace flush, as it
+// does past 1,000 keys. Before, the message failed to encode: DeletePattern
+// returned an error after deleting the keys, and the other instances kept
+// serving them until the outbox's flush was replayed.
+func TestDeletePattern_LongKeysFlush(t *testing.T) {
+	f := newFleet[string](t, shared, 2, Options{MaxKeyLen: 4096})
+	a, b := f[0].c, f[1].c
+	ctx := ctxT(t)
+	items := make(map[string]string, 300)
+	keys := make([]string, 0, 300)
+	for i := range 300 {
+		k := fmt.Sprintf("%04d", i) + strings.Repeat("k", 3996)
+		items[k] = "v"
+		keys = append(keys, k)
+	}
+	if err := a.SetMany(ctx, items, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.GetMany(ctx, keys); err != nil || len(got) != 300 {
+		t.Fatalf("B: GetMany = %d values, %v; want 300", len(got), err)
+	}
+	bApplied := applied(b)
+	if n, err := a.DeletePattern(ctx, "*"); err != nil || n != 300 {
+		t.Fatalf("DeletePattern(*) = %d, %v; want 300, nil", n, err)
+	}
+	await(t, bApplied, "B applying DeletePattern's flush")
+	if got, err := b.GetMany(ctx, keys); err != nil || len(got) != 0 {
+		t.Fatalf("B after A's DeletePattern: GetMany = %d values, %v; want none", len(got), err)
+	}
+	if n := a.bus.OutboxDepth(); n != 0 {
+		t.Fatalf("outbox depth after DeletePattern = %d, want 0", n)
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 

@@ -100,7 +100,8 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 // DeletePattern deletes every key of the namespace matching the Redis glob
 // pattern (SCAN MATCH, never KEYS; UNLINK in batches, on every master of a
 // cluster) and invalidates them in every instance's L1 with one message, or
-// a namespace-wide L1 flush when more than 1,000 keys matched. The pattern
+// a namespace-wide L1 flush when more than 1,000 keys matched or their
+// names would make that message pass invalidate.MaxMessageSize. The pattern
 // applies to user keys only (the namespace, prefix and schema are matched
 // literally); one ending in '\' or with a '[' but no ']' is refused with
 // ErrInvalidKey. It returns how many keys it deleted, tombstones and cached
@@ -238,7 +239,7 @@ func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool
 	}
 	var msg []byte
 	var merr error
-	if flush || len(userKeys) > batchLimit {
+	if flush || !oneBatch(userKeys) {
 		c.invalidateAll()
 		var p []byte
 		if p, merr = c.bus.FlushMessagePrefix(c.name); merr == nil {
