@@ -224,9 +224,14 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 		return err
 	}
 	defer c.leave()
+	// Read before the mode check: a SetMode(ModeTiered) that ends memory
+	// mode after it bumps the epoch, which voids what this stores. Read
+	// after, a write that began in memory mode stored an entry valid in
+	// tiered mode: a value Redis never had, served until L1TTL.
+	ns := c.nsEpoch.Load()
 	if c.memoryOnly() {
 		for i, k := range keys {
-			c.setMemory(k, vals[i], payloads[i], ttl)
+			c.setMemory(k, vals[i], payloads[i], ttl, ns)
 		}
 		c.deferKeys(keys) // SetMode(ModeMemory): Redis must not keep what these replaced
 		return nil
@@ -479,10 +484,14 @@ func splitBatch(out [][]int, idx []int, keys []string) [][]int {
 }
 
 // setMemory stores a value in L1 in ModeMemory: invalidate first, so no
-// earlier entry survives, then store under the new snapshot.
-func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration) {
+// earlier entry survives, then store under the new snapshot, but for the
+// namespace epoch ns, read before the write found the cache memory-only.
+func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration, ns uint64) {
 	if c.l1 == nil {
 		return
+	}
+	if c.beforeMemoryStore != nil {
+		c.beforeMemoryStore(key)
 	}
 	c.invalidateLocal(key)
 	h := xxhash.Sum64String(key)
@@ -493,7 +502,7 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration)
 	if ttl <= clockTick {
 		return
 	}
-	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: c.nsEpoch.Load(), epoch: epoch,
+	e := &entry[V]{key: key, val: v, stripe: c.stripes[h&stripeMask].Load(), ns: ns, epoch: epoch,
 		expires: expiry(ttl), cost: int64(len(payload) + len(key) + entryCost)}
 	if e.epoch&1 == 0 { // a trusted stream: see degraded
 		e.fresh, e.wid = c.localFreshness()

@@ -131,6 +131,10 @@ type Cache[V any] struct {
 	// pre-check and right before the ristretto Set: the seam for proving that
 	// validation on read catches what slips past the pre-check.
 	beforeL1Store func(key string)
+	// beforeMemoryStore, when set by a test, runs as a memory-mode write
+	// (Set, SetMany) starts storing key in L1, after its mode check: the
+	// seam for racing SetMode.
+	beforeMemoryStore func(key string)
 	// beforeHotExit, when set by a test, runs in ristretto's OnExit before
 	// the hot index hears of the exit.
 	beforeHotExit atomic.Pointer[func(*entry[V])]

@@ -441,6 +441,49 @@ func TestSetMode(t *testing.T) {
 	}
 }
 
+// A memory-mode write that a SetMode(ModeTiered) overtakes between its
+// mode check and its L1 store (forced here through the seam) stores an
+// entry that the switch has voided. Before, it read the namespace epoch as
+// it stored, after the switch's bump, and L1 served in tiered mode a value
+// Redis never had (the outbox's replay deletes it there) until L1TTL.
+func TestSetMode_BackVoidsRacingMemoryWrite(t *testing.T) {
+	c := newCache[string](t, Options{})
+	ctx := ctxT(t)
+	var switchBack atomic.Bool
+	c.mu.Lock()
+	c.beforeMemoryStore = func(string) {
+		if switchBack.Swap(false) {
+			if err := c.SetMode(ModeTiered); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	c.mu.Unlock()
+	writes := map[string]func(k string) error{
+		"Set":     func(k string) error { return c.Set(ctx, k, "memory-mode write", 0) },
+		"SetMany": func(k string) error { return c.SetMany(ctx, map[string]string{k: "memory-mode write"}, 0) },
+	}
+	for name, write := range writes {
+		k := "k-" + name
+		if err := c.SetMode(ModeMemory); err != nil {
+			t.Fatal(err)
+		}
+		switchBack.Store(true)
+		if err := write(k); err != nil {
+			t.Fatalf("%s in memory mode: %v", name, err)
+		}
+		if c.CurrentMode() != ModeTiered {
+			t.Fatalf("%s: the seam did not switch back to tiered mode", name)
+		}
+		if e, ok := c.peekL1(k); ok {
+			t.Errorf("after SetMode(ModeTiered) overtook a memory-mode %s, L1 holds %q for it; want it voided", name, e.val)
+		}
+		if v, ok, err := c.Get(ctx, k); err != nil || ok {
+			t.Errorf("Get(%s) after the switch back = %q, %v, %v; want a miss (Redis never had the value)", k, v, ok, err)
+		}
+	}
+}
+
 func TestNewRejectsClientWithoutContextTimeouts(t *testing.T) {
 	o := srv.Options()
 	o.ContextTimeoutEnabled = false
