@@ -472,16 +472,37 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 			ttls[i] = pipe.PTTL(ctx, dk)
 		}
 	}
-	if _, err = pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+	cmds, err := pipe.Exec(ctx)
+	if err = pipeErr(cmds, err); err != nil {
 		return nil, fmt.Errorf("tiered: get %d keys: %w", len(keys), err)
 	}
 	out = make(map[string]readResult[V], len(keys))
 	for i, k := range keys {
-		if r := c.absorb(ctx, k, snaps[i], gen, gets[i], ttls[i]); r.found {
+		r, err := c.absorb(ctx, k, snaps[i], gen, gets[i], ttls[i])
+		if err != nil {
+			return nil, fmt.Errorf("tiered: get %d keys: %w", len(keys), err)
+		}
+		if r.found {
 			out[flightKey(k)] = r
 		}
 	}
 	return out, nil
+}
+
+// pipeErr is the error of a pipeline whose Exec returned cmds and err: the
+// first command error that is not redis.Nil. Exec returns the first
+// command's error, a miss included, so a miss ahead of a real failure (a
+// WRONGTYPE, say) hid it: the failed key was reported as a miss.
+func pipeErr(cmds []redis.Cmder, err error) error {
+	if !errors.Is(err, redis.Nil) {
+		return err
+	}
+	for _, cmd := range cmds {
+		if err := cmd.Err(); err != nil && !errors.Is(err, redis.Nil) {
+			return err
+		}
+	}
+	return nil
 }
 
 // readOne is readL2 for a single key, without the batch's slices and map:
@@ -502,25 +523,33 @@ func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (_ readR
 	var ttl *redis.DurationCmd
 	if c.l1 == nil {
 		get = c.rdb.Get(ctx, dk)
-		err = get.Err()
+		err = pipeErr(nil, get.Err())
 	} else {
 		pipe := c.rdb.Pipeline()
 		get, ttl = pipe.Get(ctx, dk), pipe.PTTL(ctx, dk)
-		_, err = pipe.Exec(ctx)
+		cmds, perr := pipe.Exec(ctx)
+		err = pipeErr(cmds, perr)
 	}
-	if err != nil && !errors.Is(err, redis.Nil) {
-		return readResult[V]{}, fmt.Errorf("tiered: get %q: %w", key, err)
+	if err == nil {
+		var r readResult[V]
+		if r, err = c.absorb(ctx, key, s, gen, get, ttl); err == nil {
+			return r, nil
+		}
 	}
-	return c.absorb(ctx, key, s, gen, get, ttl), nil
+	return readResult[V]{}, fmt.Errorf("tiered: get %q: %w", key, err)
 }
 
 // absorb decodes one key's GET reply, counts it, drops corrupt bytes, and
-// fills L1 (ttl is nil without L1).
-func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint64, get *redis.StringCmd, ttl *redis.DurationCmd) readResult[V] {
+// fills L1 (ttl is nil without L1). Only redis.Nil is a miss: any other
+// error of the GET is returned.
+func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint64, get *redis.StringCmd, ttl *redis.DurationCmd) (readResult[V], error) {
 	raw, err := get.Bytes()
-	if err != nil { // redis.Nil
+	if errors.Is(err, redis.Nil) {
 		c.st.l2Misses.Add(1)
-		return readResult[V]{}
+		return readResult[V]{}, nil
+	}
+	if err != nil {
+		return readResult[V]{}, err
 	}
 	val, payload, found, err := c.decode(raw)
 	if err != nil {
@@ -528,7 +557,7 @@ func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint6
 	}
 	if err != nil || !found { // corrupt, or a tombstone or negative entry
 		c.st.l2Misses.Add(1)
-		return readResult[V]{}
+		return readResult[V]{}, nil
 	}
 	c.st.l2Hits.Add(1)
 	if c.afterL2Read != nil {
@@ -537,7 +566,7 @@ func (c *Cache[V]) absorb(ctx context.Context, key string, s snapshot, gen uint6
 	if ttl != nil { // without L1 there is nothing to fill or to go back to
 		c.fill(key, hashKey(key), s, val, payload, raw, ttl.Val())
 	}
-	return readResult[V]{val: val, found: true}
+	return readResult[V]{val: val, found: true}, nil
 }
 
 // rivalFlight pairs a key's Get flight with its Remember flight: the flight

@@ -419,6 +419,39 @@ func TestDeletePattern_LongKeysFlush(t *testing.T) {
 	}
 }
 
+// TestGetMany_ErrorBehindMiss: a key whose GET fails (a list stored where
+// a value belongs: WRONGTYPE) fails GetMany wherever it stands in the
+// batch. Before, a miss ahead of it in the pipeline hid the error (Exec
+// returns the first command's error, and redis.Nil counted): GetMany
+// returned no error and the failed key as a miss.
+func TestGetMany_ErrorBehindMiss(t *testing.T) {
+	for _, m := range []Mode{ModeRedis, ModeTiered} {
+		t.Run(m.String(), func(t *testing.T) {
+			f := newFleet[string](t, shared, 1, Options{Mode: m})
+			c, rdb := f[0].c, f[0].rdb
+			ctx := ctxT(t)
+			if err := rdb.RPush(ctx, c.dataKey(c.nsGen.Load(), "bad"), "x").Err(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.GetMany(ctx, []string{"bad", "absent"}); err == nil {
+				t.Fatal("GetMany(bad, absent): no error")
+			}
+			errsBefore := c.Stats().Errors
+			got, err := c.GetMany(ctx, []string{"absent", "bad"})
+			if err == nil {
+				t.Errorf("GetMany(absent, bad) = %v, nil; want the WRONGTYPE error as with (bad, absent) (errors %d -> %d)",
+					got, errsBefore, c.Stats().Errors)
+			}
+			if n := c.Stats().Errors; n != errsBefore+1 {
+				t.Errorf("Stats.Errors after the failed GetMany(absent, bad) = %d, want %d", n, errsBefore+1)
+			}
+			if _, _, err := c.Get(ctx, "bad"); err == nil {
+				t.Error("Get(bad): no error")
+			}
+		})
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 
