@@ -310,6 +310,11 @@ func (c *Cache[V]) item(items writeItems, i int) ([]byte, time.Duration) {
 // other instances may still serve them, until the outbox's replay deletes
 // and invalidates them.
 func (c *Cache[V]) write(ctx context.Context, op string, keys []string, items writeItems) (err error) {
+	if len(keys) == 0 {
+		// No round trip: nothing to tell the breaker, whose count of
+		// failures in a row a reported success would reset.
+		return nil
+	}
 	start := time.Now()
 	defer func() { c.tel.Op(ctx, op, start, err) }()
 	err = c.admit()

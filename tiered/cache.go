@@ -446,14 +446,17 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 // fence (TestFleet_Stress caught exactly this). Read early, any two flights
 // of a key that overlap are separated by a bump that voids the older one.
 func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) (out map[string]readResult[V], err error) {
-	if err := c.admit(); err != nil {
-		return nil, err
-	}
-	defer func(start time.Time) { c.report(start, err) }(time.Now())
+	// Only a round trip goes past the breaker and reports to it: a success
+	// reported for a read of nothing would reset its count of failures in
+	// a row.
 	keys, snaps = c.skipPending(keys, snaps)
 	if len(keys) == 0 {
 		return nil, nil
 	}
+	if err := c.admit(); err != nil {
+		return nil, err
+	}
+	defer func(start time.Time) { c.report(start, err) }(time.Now())
 	ctx, span := c.tel.Span(ctx, "tiercache.l2.get_many", "PIPELINE", len(keys))
 	defer func() { metrics.End(span, err) }()
 	gen, err := c.generation(ctx, snaps[0])

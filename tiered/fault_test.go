@@ -793,6 +793,64 @@ func TestOutbox_ReplaySplitsByMessageSize(t *testing.T) {
 	}
 }
 
+// A batch call that makes no round trip (DeleteMany of no keys, SetMany of
+// an empty map, GetMany whose every key is pending in the outbox) reports
+// nothing to the circuit breaker. Before, it reported a success, which
+// reset the count of failures in a row: interleaved with Gets that time
+// out against a slow Redis, such calls kept the circuit from ever opening.
+func TestBreaker_NoopBatchesReportNothing(t *testing.T) {
+	noops := []struct {
+		name string
+		call func(ctx context.Context, c *Cache[string]) error
+	}{
+		{"DeleteMany of no keys", func(ctx context.Context, c *Cache[string]) error { return c.DeleteMany(ctx) }},
+		{"SetMany of no items", func(ctx context.Context, c *Cache[string]) error { return c.SetMany(ctx, nil, 0) }},
+		{"GetMany of pending keys", func(ctx context.Context, c *Cache[string]) error {
+			_, err := c.GetMany(ctx, []string{"p1", "p2"})
+			return err
+		}},
+	}
+	for _, noop := range noops {
+		t.Run(noop.name, func(t *testing.T) {
+			s := redistest.Start(t)
+			ns := namespace(t)
+			opts := Options{CommandTimeout: 100 * time.Millisecond}
+			bo := faultBus
+			bo.HeartbeatInterval, bo.HeartbeatTimeout = time.Second, 5*time.Second
+			a, p := proxied[string](t, s, ns, opts, bo)
+			ctx := ctxT(t)
+			// p1 and p2 stay pending: the outbox's replay of them is held
+			// (and reports nothing to the breaker meanwhile).
+			reached, release := make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			a.c.mu.Lock()
+			a.c.beforeReplay = func() {
+				once.Do(func() { close(reached) })
+				<-release
+			}
+			a.c.mu.Unlock()
+			t.Cleanup(func() { close(release) })
+			a.bus.Defer(ns, "p1", "p2")
+			await(t, reached, "the outbox's replay of p1 and p2")
+			p.SetLatency(150 * time.Millisecond)
+			fails := 0
+			for i := range 9 {
+				if _, _, err := a.c.Get(ctx, "miss"+strconv.Itoa(i)); err != nil {
+					fails++
+				}
+				if i%2 == 1 {
+					if err := noop.call(ctx, a.c); err != nil {
+						t.Fatalf("%s: %v", noop.name, err)
+					}
+				}
+			}
+			if !a.bus.CircuitOpen() {
+				t.Fatalf("circuit closed after %d of 9 Gets timed out against a slow Redis (threshold 3), with a %s in between", fails, noop.name)
+			}
+		})
+	}
+}
+
 // failHook fails every command of a client while on is set, as a Redis
 // that stopped answering would, without touching the Bus's connection.
 type failHook struct{ on *atomic.Bool }
