@@ -87,7 +87,7 @@ func (p Providers) tracer() trace.Tracer {
 // fills it from its counters at collection time.
 type CacheSnapshot struct {
 	L1Hits, L1Misses            uint64
-	L2Hits, L2Misses, L2Errors  uint64
+	L2Hits, L2Misses, L2Errors  uint64 // reads, per key; L2Errors: reads Redis failed or the circuit refused
 	LoaderHits, LoaderNotFound  uint64
 	LoaderErrors                uint64
 	StaleServed                 uint64

@@ -453,6 +453,11 @@ func (c *Cache[V]) readL2(ctx context.Context, keys []string, snaps []snapshot) 
 	if len(keys) == 0 {
 		return nil, nil
 	}
+	defer func() {
+		if err != nil {
+			c.st.l2Errors.Add(uint64(len(keys)))
+		}
+	}()
 	if err := c.admit(); err != nil {
 		return nil, err
 	}
@@ -511,6 +516,11 @@ func pipeErr(cmds []redis.Cmder, err error) error {
 // readOne is readL2 for a single key, without the batch's slices and map:
 // the path of every Get that misses L1.
 func (c *Cache[V]) readOne(ctx context.Context, key string, s snapshot) (_ readResult[V], err error) {
+	defer func() {
+		if err != nil {
+			c.st.l2Errors.Add(1)
+		}
+	}()
 	if err := c.admit(); err != nil {
 		return readResult[V]{}, err
 	}

@@ -452,6 +452,41 @@ func TestGetMany_ErrorBehindMiss(t *testing.T) {
 	}
 }
 
+// TestStats_L2ErrorsAreReads: tiercache.requests{tier="l2",result="error"}
+// counts reads Redis failed, one per key, and no writes. Before, it
+// exported Stats.Errors, which counts failed writes too (and a failed
+// GetMany once, however many keys it read).
+func TestStats_L2ErrorsAreReads(t *testing.T) {
+	f := newFleet[string](t, shared, 1, Options{})
+	c, rdb := f[0].c, f[0].rdb
+	ctx := ctxT(t)
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := c.Set(cctx, "k", "v", 0); err == nil {
+		t.Fatal("Set with a cancelled ctx: no error")
+	}
+	if n := c.telemetry().L2Errors; n != 0 {
+		t.Errorf("L2 read errors exported after one failed Set and no read = %d, want 0", n)
+	}
+	for _, k := range []string{"bad1", "bad2"} {
+		if err := rdb.RPush(ctx, c.dataKey(c.nsGen.Load(), k), "x").Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := c.Get(ctx, "bad1"); err == nil {
+		t.Fatal("Get(bad1): no error")
+	}
+	if _, err := c.GetMany(ctx, []string{"bad1", "bad2"}); err == nil {
+		t.Fatal("GetMany(bad1, bad2): no error")
+	}
+	if n := c.telemetry().L2Errors; n != 3 {
+		t.Errorf("L2 read errors after a failed Get of one key and a failed GetMany of two = %d, want 3", n)
+	}
+	if n := c.Stats().Errors; n != 3 {
+		t.Errorf("Stats.Errors after a failed Set, Get and GetMany = %d, want 3", n)
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 

@@ -302,6 +302,7 @@ func (c *Cache[V]) readThrough(ctx context.Context, key string, s snapshot, load
 			// Redis cannot answer (or the circuit is open); the source
 			// can. Nothing goes to Redis; L1 keeps the value only for the
 			// degraded bound if the stream is already untrusted.
+			c.st.l2Errors.Add(1)
 			return c.loadDegraded(ctx, key, h, s, load, replace != 0)
 		}
 		if raw, err := get.Bytes(); err == nil {
@@ -786,6 +787,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 		}
 	default:
 		if err := c.admit(); err != nil {
+			c.st.l2Errors.Add(uint64(len(keys)))
 			c.st.degradedLoads.Add(uint64(len(keys)))
 			for _, k := range keys {
 				noStore[k] = true
@@ -800,6 +802,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			// whole call failed while Remember went to the loader).
 			cancel()
 			c.report(start, err)
+			c.st.l2Errors.Add(uint64(len(keys)))
 			c.st.degradedLoads.Add(uint64(len(keys)))
 			for _, k := range keys {
 				noStore[k] = true
@@ -858,6 +861,7 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 				}
 			}
 		} else {
+			c.st.l2Errors.Add(uint64(len(keys)))
 			c.st.degradedLoads.Add(uint64(len(keys))) // Redis cannot answer: the source can; nothing is stored
 			for _, k := range keys {
 				noStore[k] = true

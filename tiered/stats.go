@@ -18,6 +18,7 @@ type counters struct {
 	l1Evicted, l1Rejected atomic.Uint64 // evictions for space; admission rejections
 	l1Dropped             atomic.Uint64 // fills ristretto's buffer had no room for
 	l2Hits, l2Misses      atomic.Uint64
+	l2Errors              atomic.Uint64 // key reads Redis failed or the open circuit refused (Get, GetMany, Remember, RememberMany)
 	writes, errors        atomic.Uint64
 	corrupt               atomic.Uint64
 	loads, fencedFills    atomic.Uint64 // loader calls; loaded values Redis refused (written meanwhile)
@@ -39,7 +40,7 @@ func (c *Cache[V]) telemetry() metrics.CacheSnapshot {
 	st := c.Stats()
 	return metrics.CacheSnapshot{
 		L1Hits: st.L1.Hits, L1Misses: st.L1.Misses,
-		L2Hits: st.L2.Hits, L2Misses: st.L2.Misses, L2Errors: st.Errors,
+		L2Hits: st.L2.Hits, L2Misses: st.L2.Misses, L2Errors: c.st.l2Errors.Load(),
 		LoaderHits: c.st.loadOK.Load(), LoaderNotFound: c.st.loadNotFound.Load(), LoaderErrors: c.st.loadErr.Load(),
 		StaleServed: st.StaleServed, FailSafe: st.FailSafe, DegradedLoads: st.DegradedLoads, Refused: st.Refused,
 		Joined: c.flights.Joined(), Published: c.st.published.Load(),
