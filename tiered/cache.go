@@ -804,9 +804,16 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 		return false, nil
 	}
 	if err := c.admit(); err != nil {
+		c.st.errors.Add(1)
 		return false, err
 	}
-	defer func(start time.Time) { c.report(start, err); c.tel.Op(ctx, metrics.OpExists, start, err) }(time.Now())
+	defer func(start time.Time) {
+		if err != nil {
+			c.st.errors.Add(1) // as a failed Get is
+		}
+		c.report(start, err)
+		c.tel.Op(ctx, metrics.OpExists, start, err)
+	}(time.Now())
 	ctx, cancel := c.opCtx(ctx)
 	defer cancel()
 	gen, err := c.generation(ctx, c.snap(0))

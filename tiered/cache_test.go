@@ -487,6 +487,29 @@ func TestStats_L2ErrorsAreReads(t *testing.T) {
 	}
 }
 
+// TestExists_ErrorCounted: an Exists that fails against Redis counts in
+// Stats.Errors, as a failed Get does. Before, it was not counted.
+func TestExists_ErrorCounted(t *testing.T) {
+	f := newFleet[string](t, shared, 1, Options{Mode: ModeRedis})
+	c, rdb := f[0].c, f[0].rdb
+	ctx := ctxT(t)
+	if err := rdb.RPush(ctx, c.dataKey(c.nsGen.Load(), "bad"), "x").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.Get(ctx, "bad"); err == nil {
+		t.Fatal("Get(bad): no error")
+	}
+	if n := c.Stats().Errors; n != 1 {
+		t.Fatalf("Stats.Errors after a failed Get = %d, want 1", n)
+	}
+	if _, err := c.Exists(ctx, "bad"); err == nil {
+		t.Fatal("Exists(bad): no error")
+	}
+	if n := c.Stats().Errors; n != 2 {
+		t.Errorf("Stats.Errors after a failed Get and a failed Exists = %d, want 2", n)
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 
