@@ -265,6 +265,7 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 		for _, k := range keys {
 			c.invalidateLocal(k)
 		}
+		c.st.writes.Add(uint64(len(keys))) // as a tiered delete counts
 		c.deferKeys(keys)
 		return nil
 	}

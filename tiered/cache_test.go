@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -507,6 +508,46 @@ func TestExists_ErrorCounted(t *testing.T) {
 	}
 	if n := c.Stats().Errors; n != 2 {
 		t.Errorf("Stats.Errors after a failed Get and a failed Exists = %d, want 2", n)
+	}
+}
+
+// TestStats_WritesCountDeletes: Stats.Writes counts keys written or
+// deleted in every mode, and L1 refills and overwrites evict nothing.
+// Before, ModeMemory's DeleteMany counted no writes. Stats.Keys is logged,
+// not checked: in tiered mode the deleted entries stay in ristretto, voided,
+// until refilled or evicted (as Stats says).
+func TestStats_WritesCountDeletes(t *testing.T) {
+	for _, m := range []Mode{ModeTiered, ModeMemory} {
+		t.Run(m.String(), func(t *testing.T) {
+			c := newCache[string](t, Options{Mode: m})
+			ctx := ctxT(t)
+			keys := make([]string, 100)
+			items := map[string]string{}
+			for i := range keys {
+				keys[i] = "k" + strconv.Itoa(i)
+				items[keys[i]] = "v"
+			}
+			for range 3 {
+				if err := c.SetMany(ctx, items, 0); err != nil {
+					t.Fatal(err)
+				}
+				if got, err := c.GetMany(ctx, keys); err != nil || len(got) != 100 {
+					t.Fatalf("GetMany: %d, %v", len(got), err)
+				}
+			}
+			if err := c.DeleteMany(ctx, keys[:50]...); err != nil {
+				t.Fatal(err)
+			}
+			c.l1.Wait()
+			st := c.Stats()
+			t.Logf("%s: keys %d evictions %d writes %d", m, st.Keys, st.Evictions, st.Writes)
+			if st.Writes != 350 {
+				t.Errorf("%s: Writes = %d, want 350 (300 keys written, 50 deleted: \"keys written or deleted\")", m, st.Writes)
+			}
+			if st.Evictions != 0 {
+				t.Errorf("%s: Evictions = %d, want 0 (nothing evicted for room)", m, st.Evictions)
+			}
+		})
 	}
 }
 

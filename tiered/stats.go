@@ -71,7 +71,9 @@ type Stats struct {
 	Type string `json:"type"`
 	// Keys and Memory describe L1: entries held and their cost in bytes
 	// (approximate: an expired entry stays until it is refilled or evicted
-	// for space; L1MaxCost bounds it all).
+	// for space, and so in ModeTiered does an invalidated or deleted one,
+	// which an invalidation voids without removing; in ModeMemory a delete
+	// removes its entry. L1MaxCost bounds it all).
 	Keys   uint64 `json:"keys"`
 	Memory uint64 `json:"memory"`
 	// HitRatio is the share of reads answered by either tier: L1 hits plus
