@@ -551,6 +551,23 @@ func TestStats_WritesCountDeletes(t *testing.T) {
 	}
 }
 
+// TestNew_MemoryWithoutL1Refused: ModeMemory with a negative L1TTL ("negative
+// disables L1") is a cache with no tier at all. Before, New accepted it,
+// and every Set returned nil and stored nothing.
+func TestNew_MemoryWithoutL1Refused(t *testing.T) {
+	c, err := New[string](namespace(t), nil, nil, Options{Mode: ModeMemory, L1TTL: -1})
+	if err == nil {
+		defer c.Close()
+		ctx := ctxT(t)
+		_ = c.Set(ctx, "k", "v", 0)
+		_, ok, _ := c.Get(ctx, "k")
+		t.Fatalf("New(ModeMemory, L1TTL<0) accepted (Set, then Get found the value: %v); want an error", ok)
+	}
+	if !strings.Contains(err.Error(), "L1TTL") {
+		t.Errorf("New(ModeMemory, L1TTL<0) = %v; want an error that names L1TTL", err)
+	}
+}
+
 func second[V any](_ V, _ bool, err error) error { return err }
 func errOf[T any](_ T, err error) error          { return err }
 

@@ -113,7 +113,8 @@ type Options struct {
 	// L1TTL bounds how long an entry lives in process memory. It is a
 	// backstop only: invalidations and the Bus's liveness keep L1 coherent.
 	// An entry never outlives the Redis key it was read from. Zero means
-	// DefaultL1TTL; negative disables L1 (like ModeRedis).
+	// DefaultL1TTL; negative disables L1 (like ModeRedis; New refuses it
+	// with ModeMemory, which runs on L1 alone).
 	L1TTL time.Duration
 
 	// TTLJitter shortens every TTL (L1 and L2) by a random fraction up to
@@ -339,6 +340,9 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	}
 	if strings.ContainsAny(o.Schema, ":{}") {
 		errs = append(errs, fmt.Errorf("tiered: Schema %q must not contain ':', '{' or '}'", o.Schema))
+	}
+	if o.Mode == ModeMemory && o.L1TTL < 0 {
+		errs = append(errs, fmt.Errorf("tiered: ModeMemory runs on L1 alone, and L1TTL %v disables L1: the cache would store nothing", o.L1TTL))
 	}
 	if o.Mode == ModeTiered && bus == nil {
 		errs = append(errs, errors.New("tiered: ModeTiered needs a Bus"))
