@@ -112,6 +112,11 @@ func (c *Cache[V]) storedWriteID(raw []byte) uint64 {
 // negative entries. payload is the decoded (decompressed) payload.
 func (c *Cache[V]) decode(raw []byte) (v V, payload []byte, found bool, err error) {
 	if c.opts.PlainJSON {
+		if len(raw) > c.opts.MaxValueSize {
+			// As in an envelope: treated as corrupt. Foreign, though: the
+			// Node.js side may well have written it (see above).
+			return v, nil, false, fmt.Errorf("%w: plain JSON of %d bytes, limit %d", errForeign, len(raw), c.opts.MaxValueSize)
+		}
 		if err := c.opts.Codec.Unmarshal(raw, &v); err != nil {
 			// The key is shared with the Node.js side, which may have
 			// written a value of another shape: a miss, never deleted or

@@ -96,8 +96,8 @@ type Options struct {
 	// under which every namespace keeps its keys (New refuses both), and
 	// not shared with another plain-JSON cache, whose keys Clear would
 	// delete too. A value under the prefix this cache cannot decode (the
-	// Node.js side's, of another shape) is a miss: never deleted, never
-	// overwritten by Remember. Absence (NegativeTTL) is remembered in L1
+	// Node.js side's, of another shape, or over MaxValueSize) is a miss,
+	// counted as corrupt: never deleted, never overwritten by Remember. Absence (NegativeTTL) is remembered in L1
 	// alone: plain JSON has no form for it that the Node.js side would read
 	// as such. Lease is not available.
 	PlainJSON bool

@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -58,6 +59,44 @@ func TestPlainJSON_SharesL2WithNode(t *testing.T) {
 	got, ok, err := c.Get(ctx, "user:7")
 	if err != nil || !ok || got.ID != 7 || got.Name != "from node" {
 		t.Fatalf("Get(node-written) = %+v, %v, %v", got, ok, err)
+	}
+}
+
+// TestPlainJSON_ReadOverMaxValueSize: a plain-JSON value over MaxValueSize
+// (the Node.js side's) is a miss counted as corrupt, as in envelope mode,
+// and like any plain value this cache will not read, it is never deleted
+// or overwritten. Before, it was decoded and returned, and kept in L1 at
+// its full size.
+func TestPlainJSON_ReadOverMaxValueSize(t *testing.T) {
+	f := newFleet[string](t, shared, 1, Options{PlainJSON: true, MaxValueSize: 64})
+	c, rdb := f[0].c, f[0].rdb
+	ctx := ctxT(t)
+	// Plain keys carry no namespace: this test's own, removed after it.
+	k := "big-" + c.name
+	big := `"` + strings.Repeat("x", 1000) + `"`
+	if err := rdb.Set(ctx, c.dataKey(0, k), big, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Del(context.Background(), c.dataKey(0, k)) })
+	if err := c.Set(ctx, k+"-2", strings.Repeat("x", 1000), 0); !errors.Is(err, ErrValueTooLarge) {
+		t.Fatalf("Set of a 1002-byte value with MaxValueSize 64: %v; want ErrValueTooLarge", err)
+	}
+	if v, ok, err := c.Get(ctx, k); ok || err != nil {
+		t.Errorf("Get of a 1002-byte plain-JSON value with MaxValueSize 64 = %d bytes, %v, %v; want a miss (corrupt), as in envelope mode",
+			len(v), ok, err)
+	}
+	if got, err := c.GetMany(ctx, []string{k}); len(got) != 0 || err != nil {
+		t.Errorf("GetMany = %d values, %v; want a miss", len(got), err)
+	}
+	if n := c.Stats().Corrupt; n != 2 {
+		t.Errorf("Corrupt = %d after a Get and a GetMany of it, want 2", n)
+	}
+	load := func(context.Context, string) (string, error) { return "loaded", nil }
+	if v, err := c.Remember(ctx, k, load); err != nil || v != "loaded" {
+		t.Errorf("Remember = %q, %v; want the loader's value", v, err)
+	}
+	if now, err := rdb.Get(ctx, c.dataKey(0, k)).Result(); err != nil || now != big {
+		t.Errorf("the plain key holds %d bytes, %v after Get and Remember; want the Node.js side's %d left alone", len(now), err, len(big))
 	}
 }
 
