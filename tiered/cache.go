@@ -784,7 +784,12 @@ func (c *Cache[V]) Delete(ctx context.Context, key string) error {
 	return c.DeleteMany(ctx, key)
 }
 
-// Exists reports whether key holds a value, without decoding it.
+// Exists reports whether key holds a value, without decoding it: after L1,
+// it reads the value's envelope header alone from Redis (one GETRANGE).
+// What Get reads as a miss for its header (a tombstone, another codec's
+// value, a newer envelope version's) does not exist; a payload that turns
+// out corrupt or over MaxValueSize when Get decodes it does. In plain-JSON
+// mode any bytes under the key exist.
 func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if err := c.checkKey(key); err != nil {
 		return false, err
@@ -827,8 +832,10 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if c.opts.PlainJSON {
 		return len(head) > 0, nil
 	}
-	return len(head) == wire.HeaderSize && wire.IsEnvelope(head) &&
-		head[3]&byte(wire.FlagTombstone|wire.FlagNegative) == 0, nil
+	// What Get reads as a value: an envelope of this version and codec,
+	// neither tombstone nor negative entry, with no unknown flag.
+	return len(head) == wire.HeaderSize && wire.IsEnvelope(head) && head[1] == wire.Version &&
+		head[2] == c.opts.Codec.ID() && head[3]&^byte(wire.FlagCompressed) == 0, nil
 }
 
 // invalidateLocal voids key in this process: bump its stripe (every entry

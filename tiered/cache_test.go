@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tiercache/tiercache/internal/wire"
 	"github.com/tiercache/tiercache/invalidate"
 )
 
@@ -565,6 +566,54 @@ func TestNew_MemoryWithoutL1Refused(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "L1TTL") {
 		t.Errorf("New(ModeMemory, L1TTL<0) = %v; want an error that names L1TTL", err)
+	}
+}
+
+// TestExists_AgreesWithGet: Exists reports a value where Get finds one,
+// from the envelope header alone. Before, it checked only the magic byte
+// and the tombstone and negative flags, and said true for bytes Get reads
+// as a miss: another codec's value, a newer envelope version's, an unknown
+// flag.
+func TestExists_AgreesWithGet(t *testing.T) {
+	f := newFleet[string](t, shared, 1, Options{Mode: ModeRedis, CompressAbove: 8})
+	c, rdb := f[0].c, f[0].rdb
+	ctx := ctxT(t)
+	payload, err := encode(c.opts.Codec, strings.Repeat("x", 40))
+	if err != nil {
+		t.Fatal(err)
+	}
+	valid, err := c.envelope(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if valid[3]&byte(wire.FlagCompressed) == 0 {
+		t.Fatal("the valid value is not compressed; the test wants one")
+	}
+	with := func(i int, b byte) []byte {
+		raw := bytes.Clone(valid)
+		raw[i] = b
+		return raw
+	}
+	cases := []struct {
+		name string
+		raw  []byte
+	}{
+		{"a value (compressed)", valid},
+		{"another codec's value", with(2, codecMsgpack)},
+		{"a newer envelope version", with(1, wire.Version+1)},
+		{"an unknown flag", with(3, valid[3]|0x80)},
+		{"a tombstone", tombstone()},
+	}
+	for i, tc := range cases {
+		k := fmt.Sprint("k", i)
+		if err := rdb.Set(ctx, c.dataKey(c.nsGen.Load(), k), tc.raw, time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		ex, exErr := c.Exists(ctx, k) // first: Get deletes what is corrupt
+		_, ok, err := c.Get(ctx, k)
+		if ok != ex || err != nil || exErr != nil {
+			t.Errorf("%s: Get found=%v (%v) but Exists=%v (%v)", tc.name, ok, err, ex, exErr)
+		}
 	}
 }
 
