@@ -159,7 +159,9 @@ func TestFailure_RedisSlow(t *testing.T) {
 		t.Fatal("Stats().Refused did not count the refused calls")
 	}
 	// The outage is logged once when it starts and once when it ends, not
-	// per request.
+	// per request. The probe logs the end after it has closed the circuit
+	// (which the waits above see), so the line may still be on its way.
+	eventually(t, time.Second, "the 'circuit closed' log line", func() bool { return strings.Contains(logs.String(), "circuit closed") })
 	out := logs.String()
 	if n := strings.Count(out, "circuit open"); n != 1 {
 		t.Errorf("%d 'circuit open' log lines, want 1:\n%s", n, out)
