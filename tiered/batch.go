@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -412,25 +413,91 @@ func (c *Cache[V]) writeBatch(ctx context.Context, gen uint64, keys []string, it
 		return err
 	}
 	tx := c.rdb.TxPipeline()
-	for i, k := range keys {
-		payload, ttl := c.item(items, i)
-		if payload == nil {
-			tx.Del(ctx, c.dataKey(gen, k))
-		} else {
-			tx.Set(ctx, c.dataKey(gen, k), payload, max(ttl, time.Millisecond))
-		}
-	}
+	c.queueWrites(ctx, tx, gen, keys, items)
+	var heard *redis.IntCmd
 	if c.tags != nil { // one shard per batch: see batches
-		tx.SPublish(ctx, c.bus.ShardChannel(c.shard(keys[0])), msg)
+		heard = tx.SPublish(ctx, c.bus.ShardChannel(c.shard(keys[0])), msg)
 	} else {
 		tx.Publish(ctx, c.bus.Channel(), msg)
 	}
 	if _, err := tx.Exec(ctx); err != nil {
+		if c.tags != nil && isTryAgain(err) {
+			return c.writeApart(ctx, gen, keys, items, msg)
+		}
 		return fmt.Errorf("tiered: write %d keys: %w", len(keys), err)
+	}
+	if heard != nil && heard.Val() == 0 && c.subscribersOnMasters() {
+		// Nobody heard it, not even this process's own Bus: the slot is
+		// migrating, and the transaction ran on the node importing it,
+		// while the channel's subscribers are still on the one exporting
+		// it. Publish again, outside the transaction: a plain SPUBLISH goes
+		// to the slot's owner, where they are.
+		if err := c.publishShard(ctx, keys[0], msg); err != nil {
+			return err
+		}
 	}
 	c.st.writes.Add(uint64(len(keys)))
 	c.st.published.Add(1)
 	return nil
+}
+
+// queueWrites queues the SET or DEL of each key on p.
+func (c *Cache[V]) queueWrites(ctx context.Context, p redis.Pipeliner, gen uint64, keys []string, items writeItems) {
+	for i, k := range keys {
+		payload, ttl := c.item(items, i)
+		if payload == nil {
+			p.Del(ctx, c.dataKey(gen, k))
+		} else {
+			p.Set(ctx, c.dataKey(gen, k), payload, max(ttl, time.Millisecond))
+		}
+	}
+}
+
+// writeApart is writeBatch for a sharded Bus while the keys' slot is being
+// migrated and some of them have moved: the target refuses a transaction
+// whose keys it does not all hold (TRYAGAIN), and the channel counts as one
+// it never holds, for as long as the migration lasts. The keys are written
+// on their own (go-redis follows each ASK), then the invalidation is
+// published to the slot's owner, where the channel's subscribers still
+// are. It is the one write that is not atomic with its invalidation: if
+// the publish fails, the error sends the keys to the outbox, as for any
+// failed write.
+func (c *Cache[V]) writeApart(ctx context.Context, gen uint64, keys []string, items writeItems, msg []byte) error {
+	p := c.rdb.Pipeline()
+	c.queueWrites(ctx, p, gen, keys, items)
+	if _, err := p.Exec(ctx); err != nil {
+		return fmt.Errorf("tiered: write %d keys (slot migrating): %w", len(keys), err)
+	}
+	if err := c.publishShard(ctx, keys[0], msg); err != nil {
+		return err
+	}
+	c.st.writes.Add(uint64(len(keys)))
+	c.st.published.Add(1)
+	return nil
+}
+
+// publishShard publishes msg on the channel of key's shard, on its own.
+func (c *Cache[V]) publishShard(ctx context.Context, key string, msg []byte) error {
+	if err := c.rdb.SPublish(ctx, c.bus.ShardChannel(c.shard(key)), msg).Err(); err != nil {
+		return fmt.Errorf("tiered: publish invalidation (slot migrating): %w", err)
+	}
+	return nil
+}
+
+// subscribersOnMasters reports whether the Bus's sharded subscriptions are
+// on the masters, so that an SPUBLISH that the master counts no subscriber
+// for reached nobody. With a ReadOnly ClusterClient they are on replicas,
+// which hear it through replication and which the count leaves out.
+func (c *Cache[V]) subscribersOnMasters() bool {
+	cc, ok := c.rdb.(*redis.ClusterClient)
+	return ok && !cc.Options().ReadOnly
+}
+
+// isTryAgain reports whether err is Redis's TRYAGAIN: a multi-key command
+// on a slot being migrated, some of whose keys have moved.
+func isTryAgain(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && strings.HasPrefix(re.Error(), "TRYAGAIN")
 }
 
 // batches splits keys (by index) into the write transactions that carry

@@ -18,7 +18,9 @@ import (
 // message ARGV[2] with the new generation appended as a uvarint: the old
 // keys become unreachable and every L1 drops the namespace, atomically.
 // clearScriptSharded does the same with SPUBLISH on shard channel 0, for a
-// sharded Bus, whose hash tag the generation key carries.
+// sharded Bus, whose hash tag the generation key carries. Both return the
+// new generation and how many subscribers the node counted for the
+// message (see clearRedis).
 var (
 	clearScript        = newClearScript("PUBLISH")
 	clearScriptSharded = newClearScript("SPUBLISH")
@@ -34,8 +36,8 @@ while n >= 128 do
   n = math.floor(n / 128)
 end
 s = s .. string.char(n)
-redis.call('` + publish + `', ARGV[1], ARGV[2] .. s)
-return g`)
+local heard = redis.call('` + publish + `', ARGV[1], ARGV[2] .. s)
+return {g, heard}`)
 }
 
 // Clear empties the namespace in O(1): it bumps the namespace's generation
@@ -89,11 +91,24 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	if c.tags != nil {
 		script = clearScriptSharded // the generation key shares shard 0's slot
 	}
-	g, err := script.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Uint64()
+	res, err := script.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Int64Slice()
+	if err == nil && len(res) != 2 {
+		err = fmt.Errorf("script answered %d values, want 2", len(res))
+	}
 	if err != nil {
 		return fmt.Errorf("tiered: clear: %w", err)
 	}
+	g := uint64(res[0])
 	c.advanceGen(g) // a later Clear's flush may be here first
+	if c.tags != nil && res[1] == 0 && c.subscribersOnMasters() {
+		// Nobody heard the flush, not even this process's own Bus: the
+		// generation key's slot is migrating and the script ran on the
+		// node importing it, while the channel's subscribers are still on
+		// the one exporting it. Publish it again to the slot's owner.
+		if err := c.bus.Publish(ctx, binary.AppendUvarint(prefix, g)); err != nil {
+			return fmt.Errorf("tiered: clear (slot migrating): %w", err)
+		}
+	}
 	return nil
 }
 

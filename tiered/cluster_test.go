@@ -1,9 +1,12 @@
 package tiered
 
 import (
+	"net"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/tiercache/tiercache/internal/redistest"
 	"github.com/tiercache/tiercache/invalidate"
@@ -98,5 +101,135 @@ func TestCluster_ShardedChannelMigrates(t *testing.T) {
 	eventually(t, 5*time.Second, "B to apply the flush", func() bool { return b.c.nsGen.Load() == a.c.nsGen.Load() })
 	if _, ok, err := b.c.Get(ctx, key); err != nil || ok {
 		t.Fatalf("B after Clear: ok %v err %v; want a miss", ok, err)
+	}
+}
+
+// nodeAdmin is a plain client of one cluster node, for CLUSTER SETSLOT,
+// MIGRATE and the like.
+func nodeAdmin(t *testing.T, addr string) *redis.Client {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// TestCluster_ShardedWritesDuringMigration: while the slot of a shard
+// channel is being migrated (IMPORTING on the target, MIGRATING on the
+// source, some keys already MIGRATEd, as redis-cli --cluster reshard does
+// batch by batch), the channel's subscribers stay on the source until the
+// slot's owner changes, while a command whose key has moved is answered by
+// the target (ASK). Two things broke there:
+//
+//   - Clear's script ran on the target (the generation key had moved), and
+//     its SPUBLISH reached nobody: Clear returned nil and the other
+//     instances kept the old generation, serving what it had removed, until
+//     the migration ended. Now a flush nobody heard is published again, to
+//     the slot's owner.
+//   - A Set of a moved key failed for the whole migration: on the target the
+//     channel counts as a key of the slot it does not hold, and Redis 7.0
+//     answers TRYAGAIN to the transaction (which also opened the circuit).
+//     Now such a write goes apart: the keys, then the invalidation to the
+//     slot's owner.
+//
+// DeletePattern's keys message, a plain SPUBLISH, was heard all along.
+func TestCluster_ShardedWritesDuringMigration(t *testing.T) {
+	cl := redistest.StartCluster(t, redistest.ClusterConfig{})
+	be := clusterBackend{cl}
+	bo := invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 500 * time.Millisecond, ShardChannels: 1} // every key in shard 0's slot
+	f := newFleetBus[string](t, be, 2, Options{}, bo)
+	a, b := f[0], f[1]
+	ctx := ctxT(t)
+
+	const key = "hot"
+	if err := a.c.Clear(ctx); err != nil { // so that the generation key exists
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "B to apply the first Clear", func() bool { return b.c.nsGen.Load() == a.c.nsGen.Load() })
+	dk := b.c.dataKey(b.c.nsGen.Load(), key)
+	slot := redistest.KeySlot(dk)
+	if redistest.KeySlot(b.c.genKey) != slot || redistest.KeySlot(b.bus.ShardChannel(0)) != slot {
+		t.Fatal("generation key, data key and channel not in one slot")
+	}
+	for _, k := range []string{key, "dp1"} {
+		if err := a.c.Set(ctx, k, "v1", 0); err != nil {
+			t.Fatal(err)
+		}
+		mustGet(t, b.c, k, "v1", "B from Redis")
+		mustGet(t, b.c, k, "v1", "B from L1")
+	}
+
+	src := cl.MasterForSlot(t, slot)
+	var dst string
+	for _, m := range cl.Masters(t) {
+		if m != src {
+			dst = m
+			break
+		}
+	}
+	sa, da := nodeAdmin(t, src), nodeAdmin(t, dst)
+	srcID, err := sa.Do(ctx, "CLUSTER", "MYID").Text()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dstID, err := da.Do(ctx, "CLUSTER", "MYID").Text()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := da.Do(ctx, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := sa.Do(ctx, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID).Err(); err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(dst)
+	if err := sa.Do(ctx, "MIGRATE", host, port, "", 0, 5000, "KEYS", dk, a.c.genKey).Err(); err != nil {
+		t.Fatalf("MIGRATE: %v", err)
+	}
+	t.Logf("slot %d migrating from %s to %s; the data key and the generation key moved", slot, src, dst)
+
+	// DeletePattern: UNLINK on the source (dp1 is still there), then a plain
+	// SPUBLISH, which the source serves.
+	got := applied(b.c)
+	if n, err := a.c.DeletePattern(ctx, "dp*"); err != nil || n != 1 {
+		t.Fatalf("DeletePattern during the migration: %d, %v", n, err)
+	}
+	await(t, got, "B to apply A's DeletePattern")
+	if v, ok, err := b.c.Get(ctx, "dp1"); ok || err != nil {
+		t.Errorf("B after A's DeletePattern returned: %q, %v, %v; want a miss", v, ok, err)
+	}
+
+	// Clear: its script runs on the target, where the generation key is.
+	got = applied(b.c)
+	if err := a.c.Clear(ctx); err != nil {
+		t.Fatalf("Clear during the migration: %v", err)
+	}
+	await(t, got, "B to apply A's Clear")
+	if g, want := b.c.nsGen.Load(), a.c.nsGen.Load(); g != want {
+		t.Errorf("B on generation %d after A's Clear (A on %d)", g, want)
+	}
+	if v, ok, err := b.c.Get(ctx, key); ok || err != nil {
+		t.Errorf("B after A's Clear returned: %q, %v, %v; want a miss", v, ok, err)
+	}
+
+	// Set of a key whose slot is migrating. After the Clear its data key
+	// (new generation) is on neither node: write it once so that it moves,
+	// then write it again.
+	dk = a.c.dataKey(a.c.nsGen.Load(), key)
+	if err := a.c.Set(ctx, key, "v2", 0); err != nil {
+		t.Fatalf("Set during the migration: %v", err)
+	}
+	mustGet(t, b.c, key, "v2", "B from Redis")
+	mustGet(t, b.c, key, "v2", "B from L1")
+	if err := sa.Do(ctx, "MIGRATE", host, port, "", 0, 5000, "KEYS", dk).Err(); err != nil {
+		t.Fatalf("MIGRATE: %v", err)
+	}
+	got = applied(b.c) // from here on: only what follows
+	if err := a.c.Set(ctx, key, "v3", 0); err != nil {
+		t.Fatalf("Set of a moved key during the migration: %v", err)
+	}
+	await(t, got, "B to apply A's Set")
+	mustGet(t, b.c, key, "v3", "B after A's Set of a moved key")
+	if a.bus.CircuitOpen() || a.bus.OutboxDepth() != 0 {
+		t.Errorf("A after its writes: circuit open %v, outbox %d; want closed and empty", a.bus.CircuitOpen(), a.bus.OutboxDepth())
 	}
 }
