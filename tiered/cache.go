@@ -95,9 +95,12 @@ type Cache[V any] struct {
 	nsEpoch atomic.Uint64   // bumped by Clear and received flushes
 	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key); written under genMu
 	genMu   sync.Mutex      // orders the writes of nsGen (see resync)
-	base    string          // <prefix><name>:<schema>:
-	genKey  string
-	tags    []string // the Bus's shard tags; nil with classic pub/sub
+	// genKnown: nsGen has been read from Redis or set by a flush or Clear.
+	// Until then (New could not read it) each call reads it (generation).
+	genKnown atomic.Bool
+	base     string // <prefix><name>:<schema>:
+	genKey   string
+	tags     []string // the Bus's shard tags; nil with classic pub/sub
 
 	flights    *flight.Group[readResult[V]]
 	unregister func() (dropped int)
@@ -157,6 +160,11 @@ type readResult[V any] struct {
 // rdb and bus are required in ModeTiered and ModeRedis and may be nil in
 // ModeMemory. Many caches may share one client and one Bus; the Cache does
 // not close either. Call Close when done.
+//
+// New does not need Redis to answer: when it cannot read the namespace's
+// generation (Redis down at start), the cache starts anyway, reads the
+// generation on each call until it has one, and meanwhile serves what the
+// Bus's state allows (Remember goes to its loader while Redis is down).
 func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opts Options) (*Cache[V], error) {
 	if name == "" || len(name) > 255 {
 		return nil, fmt.Errorf("tiered: namespace length %d out of range 1..255", len(name))
@@ -261,13 +269,12 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			return nil, err
 		}
 		if !opts.PlainJSON {
+			// A failure leaves the generation unknown, and generation()
+			// reads it on each call until it is known: an instance that
+			// starts while Redis is down still serves from its loader.
 			ctx, cancel := context.WithTimeout(context.Background(), max(opts.CommandTimeout, time.Second))
-			err = c.resync(ctx)
+			_ = c.resync(ctx)
 			cancel()
-			if err != nil {
-				c.teardown()
-				return nil, fmt.Errorf("tiered: read namespace generation: %w", err)
-			}
 		}
 	}
 	return c, nil
@@ -603,7 +610,15 @@ func flightKey(key string) string { return "g" + key }
 // Bus is live, flush messages keep the cached one current; otherwise a
 // flush may have been missed, so it is read from Redis.
 func (c *Cache[V]) generation(ctx context.Context, s snapshot) (uint64, error) {
-	if c.opts.PlainJSON || s.epoch&1 == 0 {
+	if c.opts.PlainJSON || (s.epoch&1 == 0 && c.genKnown.Load()) {
+		return c.nsGen.Load(), nil
+	}
+	if !c.genKnown.Load() {
+		// New could not read it (Redis was down): read it now and keep it,
+		// under the lock that orders it with the Bus's resyncs and flushes.
+		if err := c.resync(ctx); err != nil {
+			return 0, fmt.Errorf("tiered: read namespace generation: %w", err)
+		}
 		return c.nsGen.Load(), nil
 	}
 	// For this call only: stored, a reply read before a Clear could land
@@ -631,6 +646,7 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 		return err
 	}
 	c.nsGen.Store(g)
+	c.genKnown.Store(true)
 	return nil
 }
 
@@ -640,9 +656,10 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 // run before it publishes.
 func (c *Cache[V]) advanceGen(g uint64) {
 	c.genMu.Lock()
-	if g > c.nsGen.Load() {
+	if g > c.nsGen.Load() || !c.genKnown.Load() {
 		c.nsGen.Store(g)
 	}
+	c.genKnown.Store(true) // a flush or Clear carries the newest one
 	c.genMu.Unlock()
 }
 

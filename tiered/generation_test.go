@@ -268,3 +268,55 @@ func TestClear_KeepsNewerGenerationFromFlush(t *testing.T) {
 		t.Fatalf("A's generation after its Clear (1) and B's later one (2, applied first) = %d, want 2", g)
 	}
 }
+
+// TestNew_RedisDownAtStart: a cache opened while Redis does not answer
+// starts anyway (before, New failed on reading the namespace generation,
+// and an instance restarted during an outage could not come up), serves
+// Remember from its loader meanwhile, and once Redis answers uses the
+// namespace's real generation: it reads what the others wrote, and they
+// read what it writes.
+func TestNew_RedisDownAtStart(t *testing.T) {
+	ns := namespace(t)
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	for range 2 {
+		if err := b.c.Clear(ctx); err != nil { // generation 2
+			t.Fatal(err)
+		}
+	}
+	if err := b.c.Set(ctx, "k", "from-b", 0); err != nil {
+		t.Fatal(err)
+	}
+	p, err := faultproxy.Start(srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	p.Refuse(true)
+	o := srv.Options()
+	o.Addr = p.Addr()
+	o.DialTimeout = 200 * time.Millisecond
+	rdb := redis.NewClient(o)
+	t.Cleanup(func() { rdb.Close() })
+	bus, err := invalidate.New(rdb, invalidate.Options{Prefix: srv.Prefix(), HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bus.Close() })
+	a, err := New[string](ns, rdb, bus, Options{KeyPrefix: srv.Prefix()})
+	if err != nil {
+		t.Fatalf("New while Redis does not answer: %v", err)
+	}
+	t.Cleanup(func() { a.Close() })
+	v, err := a.Remember(ctx, "k", func(context.Context, string) (string, error) { return "from-loader", nil })
+	if err != nil || v != "from-loader" {
+		t.Fatalf("Remember while Redis is down = %q, %v; want the loader's value", v, err)
+	}
+	p.Refuse(false)
+	waitLiveT(t, bus, 5*time.Second)
+	mustGet(t, a, "k", "from-b", "A once Redis answers")
+	if err := a.Set(ctx, "n", "from-a", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "n", "from-a", "B after A's Set")
+}
