@@ -123,7 +123,21 @@ func (s *Server) putUser(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnprocessableEntity, msg)
 		return
 	}
-	u, err := s.store.UpdateUser(r.Context(), id, p)
+	if !s.beginWrite() {
+		writeError(w, http.StatusServiceUnavailable, "shutting down; try again")
+		return
+	}
+	defer s.writes.Done()
+	// The write runs to its end whatever the client does: once the
+	// statement is sent, its outcome is unknown until the driver answers.
+	wctx, wcancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+	u, err := s.store.UpdateUser(wctx, id, p)
+	wcancel()
+	if err != nil && !errors.Is(err, ErrNotFound) && s.users != nil {
+		// The UPDATE may have committed although it failed to answer:
+		// invalidate anyway (it costs one round trip, and a miss).
+		s.invalidateUser(r, id)
+	}
 	if errors.Is(err, ErrNotFound) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("user %d not found", id))
 		return
@@ -133,14 +147,7 @@ func (s *Server) putUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.users != nil {
-		// The database holds the new row: invalidate on a context the
-		// client cannot cancel halfway. A failure is kept in the Bus's
-		// outbox and replayed; the write itself has happened.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Second)
-		if err := s.users.Delete(ctx, strconv.FormatInt(id, 10)); err != nil {
-			s.log.Warn("invalidating a user failed; the outbox will retry", "error", err)
-		}
-		cancel()
+		s.invalidateUser(r, id)
 	}
 	writeJSON(w, http.StatusOK, u)
 }
@@ -305,4 +312,14 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 // stats: GET /api/v1/stats.
 func (s *Server) stats(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, s.Stats())
+}
+
+// invalidateUser deletes the cached user on a context the client cannot
+// cancel halfway. A failure is kept in the Bus's outbox and replayed.
+func (s *Server) invalidateUser(r *http.Request, id int64) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Second)
+	defer cancel()
+	if err := s.users.Delete(ctx, strconv.FormatInt(id, 10)); err != nil {
+		s.log.Warn("invalidating a user failed", "error", err)
+	}
 }

@@ -70,7 +70,12 @@ type Server struct {
 	requests    atomic.Uint64 // API requests (not health, stats or metrics)
 	handler     http.Handler
 	closeOnce   sync.Once
-	closeErr    error
+	// writes counts PUTs between their database write and their
+	// invalidation; Close waits for them before closing the caches.
+	writesMu sync.Mutex
+	closing  bool
+	writes   sync.WaitGroup
+	closeErr error
 }
 
 // New opens the database, Redis, the Bus and the caches cfg asks for. A
@@ -178,6 +183,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // database. Stop serving requests first (Serve does). Idempotent.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
+		s.writesMu.Lock()
+		s.closing = true
+		s.writesMu.Unlock()
+		s.writes.Wait() // each is bounded by its own timeouts
 		var errs []error
 		if s.users != nil {
 			errs = append(errs, s.users.Close())
@@ -322,4 +331,14 @@ func tierStats(hits, misses uint64) tiered.TierStats {
 		t.HitRatio = float64(hits) / float64(hits+misses)
 	}
 	return t
+}
+
+func (s *Server) beginWrite() bool {
+	s.writesMu.Lock()
+	defer s.writesMu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.writes.Add(1)
+	return true
 }
