@@ -13,7 +13,7 @@ help: ## list the targets
 
 .PHONY: test
 test: ## run every test with -race against private redis-server processes (what CI runs)
-	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server) or set REDIS_ADDR"; exit 1; }
+	@command -v redis-server >/dev/null || { echo "redis-server not found: install it (apt-get install redis-server); the fault tests start their own even with REDIS_ADDR set"; exit 1; }
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 10m $(PKGS)
 	@# The core and read-through suites again, against a local Redis Cluster (3 masters, 3 replicas), over sharded pub/sub.
