@@ -2,6 +2,8 @@ package tiered
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -269,12 +271,19 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			return nil, err
 		}
 		if !opts.PlainJSON {
-			// A failure leaves the generation unknown, and generation()
-			// reads it on each call until it is known: an instance that
-			// starts while Redis is down still serves from its loader.
+			// If Redis does not answer, the generation stays unknown and
+			// generation() reads it on each call until it is known: an
+			// instance that starts while Redis is down still serves from
+			// its loader. A Redis that answers with a refusal (a wrong
+			// password, a certificate not trusted) is a configuration
+			// error, reported now.
 			ctx, cancel := context.WithTimeout(context.Background(), max(opts.CommandTimeout, time.Second))
-			_ = c.resync(ctx)
+			err = c.resync(ctx)
 			cancel()
+			if err != nil && !redisDown(err) {
+				c.teardown()
+				return nil, fmt.Errorf("tiered: read namespace generation: %w", err)
+			}
 		}
 	}
 	return c, nil
@@ -628,6 +637,23 @@ func (c *Cache[V]) generation(ctx context.Context, s snapshot) (uint64, error) {
 		return 0, fmt.Errorf("tiered: read namespace generation: %w", err)
 	}
 	return g, nil
+}
+
+// redisDown reports whether err says Redis did not answer, or answered
+// "not now" (see invalidate.Unavailable), rather than refused this client:
+// an error reply (WRONGPASS, NOPERM) or a TLS handshake that failed is a
+// refusal.
+func redisDown(err error) bool {
+	var cert *tls.CertificateVerificationError
+	var alert tls.AlertError
+	var unknown x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	if errors.As(err, &cert) || errors.As(err, &alert) || errors.As(err, &unknown) ||
+		errors.As(err, &hostname) || errors.As(err, &invalid) {
+		return false
+	}
+	return invalidate.Unavailable(err)
 }
 
 // resync reads the namespace generation from Redis and makes it the
