@@ -32,6 +32,14 @@ var faultBus = invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, Hear
 // proxy, so a test can slow or cut this one instance alone.
 func proxied[V any](t *testing.T, s *redistest.Server, ns string, opts Options, bo invalidate.Options) (*instance[V], *faultproxy.Proxy) {
 	t.Helper()
+	rdb, p := proxyClient(t, s)
+	return newInstance[V](t, s, ns, rdb, opts, bo), p
+}
+
+// proxyClient is a client of s through a fault proxy of its own, with a
+// short dial timeout; both close when the test ends.
+func proxyClient(t *testing.T, s *redistest.Server) (*redis.Client, *faultproxy.Proxy) {
+	t.Helper()
 	p, err := faultproxy.Start(s.Addr())
 	if err != nil {
 		t.Fatalf("faultproxy: %v", err)
@@ -42,7 +50,7 @@ func proxied[V any](t *testing.T, s *redistest.Server, ns string, opts Options, 
 	o.DialTimeout = 200 * time.Millisecond
 	rdb := redis.NewClient(o)
 	t.Cleanup(func() { rdb.Close() })
-	return newInstance[V](t, s, ns, rdb, opts, bo), p
+	return rdb, p
 }
 
 // direct is an instance with its own plain client.
@@ -888,16 +896,7 @@ func (h failHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proc
 // set. Its breaker stays closed.
 func failingInstance(t *testing.T, s *redistest.Server, ns string, opts Options) (*instance[string], *faultproxy.Proxy, *atomic.Bool) {
 	t.Helper()
-	p, err := faultproxy.Start(s.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	o := s.Options()
-	o.Addr = p.Addr()
-	o.DialTimeout = 200 * time.Millisecond
-	busRdb := redis.NewClient(o)
-	t.Cleanup(func() { busRdb.Close() })
+	busRdb, p := proxyClient(t, s)
 	bo := faultBus
 	bo.BreakerThreshold = 1000
 	bus := newBus(t, standalone{s}, busRdb, bo)

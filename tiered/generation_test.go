@@ -10,7 +10,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/tiercache/tiercache/internal/faultproxy"
 	"github.com/tiercache/tiercache/invalidate"
 )
 
@@ -125,16 +124,7 @@ func (*genGate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proces
 // Clear removed and writing where no other instance reads.
 func TestDegraded_GenerationReadLeavesResync(t *testing.T) {
 	ns := namespace(t)
-	p, err := faultproxy.Start(srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	bo := srv.Options()
-	bo.Addr = p.Addr()
-	bo.DialTimeout = 200 * time.Millisecond
-	busRdb := redis.NewClient(bo)
-	t.Cleanup(func() { busRdb.Close() })
+	busRdb, p := proxyClient(t, srv)
 	bus := newBus(t, standalone{srv}, busRdb, invalidate.Options{HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond, BreakerThreshold: -1})
 	gate := &genGate{entered: make(chan struct{}, 1), release: make(chan struct{})}
 	cacheRdb := srv.Client(t)
@@ -232,15 +222,7 @@ func TestGeneration_ResyncOrderedWithFlush(t *testing.T) {
 // does not: B's flush overtakes A's reply.
 func TestClear_KeepsNewerGenerationFromFlush(t *testing.T) {
 	ns := namespace(t)
-	p, err := faultproxy.Start(srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	o := srv.Options()
-	o.Addr = p.Addr()
-	rdb := redis.NewClient(o)
-	t.Cleanup(func() { rdb.Close() })
+	rdb, p := proxyClient(t, srv)
 	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
 	a, err := New[string](ns, rdb, bus, Options{KeyPrefix: srv.Prefix(), CommandTimeout: 5 * time.Second})
 	if err != nil {
@@ -287,17 +269,8 @@ func TestNew_RedisDownAtStart(t *testing.T) {
 	if err := b.c.Set(ctx, "k", "from-b", 0); err != nil {
 		t.Fatal(err)
 	}
-	p, err := faultproxy.Start(srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
+	rdb, p := proxyClient(t, srv)
 	p.Refuse(true)
-	o := srv.Options()
-	o.Addr = p.Addr()
-	o.DialTimeout = 200 * time.Millisecond
-	rdb := redis.NewClient(o)
-	t.Cleanup(func() { rdb.Close() })
 	bus, err := invalidate.New(rdb, invalidate.Options{Prefix: srv.Prefix(), HeartbeatInterval: 50 * time.Millisecond, HeartbeatTimeout: 300 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
