@@ -915,3 +915,35 @@ func TestCache_DeletePatternGlob(t *testing.T) {
 		}
 	})
 }
+
+// TestRememberMany_ErrorReplyIsNotAMiss: a key whose read Redis answers
+// with an error (WRONGTYPE: another program's value of another type) goes
+// to the loader, is counted as an L2 error, its loaded value is not
+// stored, and the other program's value is left alone. Before, RememberMany
+// counted it as a miss, and told the breaker of a success.
+func TestRememberMany_ErrorReplyIsNotAMiss(t *testing.T) {
+	f := newFleet[string](t, shared, 1, Options{})
+	c, rdb := f[0].c, f[0].rdb
+	ctx := ctxT(t)
+	bad := c.dataKey(c.nsGen.Load(), "bad")
+	if err := rdb.RPush(ctx, bad, "x").Err(); err != nil {
+		t.Fatal(err)
+	}
+	errsBefore := c.st.l2Errors.Load()
+	got, err := c.RememberMany(ctx, []string{"absent", "bad"}, func(_ context.Context, keys []string) (map[string]string, error) {
+		out := make(map[string]string, len(keys))
+		for _, k := range keys {
+			out[k] = "loaded-" + k
+		}
+		return out, nil
+	})
+	if err != nil || got["absent"] != "loaded-absent" || got["bad"] != "loaded-bad" {
+		t.Fatalf("RememberMany = %v, %v; want both keys from the loader", got, err)
+	}
+	if n := c.st.l2Errors.Load() - errsBefore; n != 1 {
+		t.Errorf("L2 read errors counted: %d, want 1", n)
+	}
+	if typ := rdb.Type(ctx, bad).Val(); typ != "list" {
+		t.Errorf("the other program's value under %q is now a %s; want the list left alone", bad, typ)
+	}
+}

@@ -816,15 +816,20 @@ func (c *Cache[V]) readThroughMany(ctx context.Context, keys []string, snaps map
 			dk := c.dataKey(gen, k)
 			gets[i], ttls[i] = pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk)
 		}
-		_, err = pipe.Exec(l2ctx)
+		cmds, err := pipe.Exec(l2ctx)
 		cancel()
-		c.report(start, err)
+		c.report(start, pipeErr(cmds, err))
 		if err == nil || errors.Is(err, redis.Nil) {
 			toLoad = nil
 			for i, k := range keys {
 				raw, err := gets[i].Bytes()
 				if err != nil {
-					c.st.l2Misses.Add(1)
+					if errors.Is(err, redis.Nil) {
+						c.st.l2Misses.Add(1)
+					} else { // an error reply for this key (WRONGTYPE): load it, store nothing
+						c.st.l2Errors.Add(1)
+						noStore[k] = true
+					}
 					toLoad = append(toLoad, k)
 					continue
 				}
