@@ -111,6 +111,9 @@ func checkCoherentRun(t *testing.T, res *load.Result) {
 	if c.StaleReads != 0 {
 		t.Errorf("%d stale reads (δ %v ms), e.g. %+v", c.StaleReads, c.DeltaMs, c.Examples)
 	}
+	if len(c.FinalStale) != 0 || c.FinalReads == 0 || c.FinalErrors != 0 {
+		t.Errorf("read-back after the load: %d stale of %d reads (%d failed), e.g. %+v", len(c.FinalStale), c.FinalReads, c.FinalErrors, c.FinalStale)
+	}
 	if res.Errors != 0 || len(res.ErrorKinds) != 0 {
 		t.Errorf("errors: %v, e.g. %v", res.ErrorKinds, res.ErrorExamples)
 	}
@@ -164,6 +167,9 @@ func TestDemo_MemoryModeIsCaught(t *testing.T) {
 	res := runLoad(t, shortLoad(startFleet(t, 3, fleetEnv(t, "memory", nil))))
 	if res.Coherence.StaleReads == 0 {
 		t.Errorf("memory mode: no stale reads found in %d reads against %d writes; the check is blind", res.Coherence.Reads, res.Coherence.Writes)
+	}
+	if len(res.Coherence.FinalStale) == 0 {
+		t.Errorf("memory mode: the read-back found nothing stale in %d reads; it is blind", res.Coherence.FinalReads)
 	}
 	if res.Errors != 0 {
 		t.Errorf("memory mode: %d errors: %v", res.Errors, res.ErrorExamples)

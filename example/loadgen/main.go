@@ -88,7 +88,7 @@ func main() {
 		}
 		fmt.Printf("  report       %s\n", *htmlOut)
 	}
-	if *strict && (res.Coherence.StaleReads > 0 || len(res.ErrorKinds) > 0) {
+	if *strict && (res.Coherence.Stale() || len(res.ErrorKinds) > 0) {
 		fmt.Fprintln(os.Stderr, "loadgen: -check failed: stale reads or errors")
 		os.Exit(1)
 	}

@@ -27,7 +27,17 @@ type Coherence struct {
 	WorstLagMs float64 `json:"worstLagMs"`
 	// Examples are the first stale reads found (at most 10).
 	Examples []StaleRead `json:"examples,omitempty"`
+	// The read-back after the load (see readBack): its reads, those that
+	// failed, and those that were stale, which a coherent fleet has none
+	// of.
+	FinalReads  int          `json:"finalReads"`
+	FinalErrors int          `json:"finalErrors"`
+	FinalStale  []FinalStale `json:"finalStale,omitempty"`
 }
+
+// Stale reports whether any read, during the load or in the read-back
+// after it, was stale.
+func (c Coherence) Stale() bool { return c.StaleReads > 0 || len(c.FinalStale) > 0 }
 
 // StaleRead is one read that failed the check.
 type StaleRead struct {

@@ -317,8 +317,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	var wg sync.WaitGroup
 	reads := make([][]readRec, cfg.Concurrency)
 	writes := make([][]writeRec, cfg.Concurrency)
+	lost := make([][]int32, cfg.Concurrency)
 	for w := range cfg.Concurrency {
-		wg.Go(func() { reads[w], writes[w] = r.worker(runCtx, w) })
+		wg.Go(func() { reads[w], writes[w], lost[w] = r.worker(runCtx, w) })
 	}
 	stopAux := make(chan struct{})
 	var aux sync.WaitGroup
@@ -331,7 +332,24 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	close(stopAux)
 	aux.Wait()
 	_ = sc.take(context.WithoutCancel(ctx), elapsed) // a failure is counted in the result
-	return r.result(first, sc, slices.Concat(reads...), slices.Concat(writes...), min(elapsed, r.maxEnd)), nil
+	allReads, allWrites := slices.Concat(reads...), slices.Concat(writes...)
+	// The newest version seen of every user a write was sent for.
+	seen := map[int32]int64{}
+	for _, w := range allWrites {
+		seen[w.user] = max(seen[w.user], w.version)
+	}
+	for _, u := range slices.Concat(lost...) {
+		seen[u] = max(seen[u], 0)
+	}
+	for _, rd := range allReads {
+		if _, ok := seen[rd.user]; ok {
+			seen[rd.user] = max(seen[rd.user], rd.version)
+		}
+	}
+	res := r.result(first, sc, allReads, allWrites, min(elapsed, r.maxEnd))
+	c := &res.Coherence
+	c.FinalReads, c.FinalErrors, c.FinalStale = r.readBack(ctx, seen)
+	return res, nil
 }
 
 // control ends the warm-up and the run when their time and their count of
@@ -369,7 +387,7 @@ func (r *run) control(ctx context.Context, cancel context.CancelFunc, sc *scrape
 }
 
 // worker sends requests until ctx ends and returns the versions it saw.
-func (r *run) worker(ctx context.Context, w int) (reads []readRec, writes []writeRec) {
+func (r *run) worker(ctx context.Context, w int) (reads []readRec, writes []writeRec, lost []int32) {
 	cfg := r.cfg
 	rng := rand.New(rand.NewPCG(cfg.Seed, uint64(w)))
 	users := rand.NewZipf(rng, cfg.Zipf, 1, uint64(cfg.Users-1))
@@ -421,6 +439,9 @@ func (r *run) worker(ctx context.Context, w int) (reads []readRec, writes []writ
 		start := time.Since(r.base)
 		version, err := r.do(req, op)
 		end := time.Since(r.base)
+		if err != nil && op == opWrite {
+			lost = append(lost, user) // its outcome is unknown: see readBack
+		}
 		if err != nil && ctx.Err() != nil {
 			return // cut off by the end of the run: not an error
 		}

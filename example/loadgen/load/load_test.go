@@ -2,6 +2,11 @@ package load
 
 import (
 	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -117,5 +122,36 @@ func TestChartTicks(t *testing.T) {
 	svg := string(chart{Title: "q", X: []float64{0.5, 1.5}, XMax: 2, Series: []series{{"s", "#000", []*float64{ptr(0.07), ptr(0.31)}}}}.svg())
 	if strings.Contains(svg, "0000000") || !strings.Contains(svg, ">0.3<") {
 		t.Errorf("axis labels: %s", svg)
+	}
+}
+
+// TestReadBack: after the load, every written user is read from every
+// instance twice; a second-pass read older than the newest version seen
+// before it (in the load, or in the first pass) is stale. Instance b lags
+// behind a on user 1 (a write returned v4, a serves v5, b v3) and on user 2
+// (a write whose answer was lost: a serves v7, b v6); both agree on user 3.
+func TestReadBack(t *testing.T) {
+	serve := func(versions map[string]int64) *httptest.Server {
+		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			v, ok := versions[strings.TrimPrefix(r.URL.Path, "/api/v1/users/")]
+			if !ok {
+				http.NotFound(w, r)
+				return
+			}
+			fmt.Fprintf(w, `{"version": %d}`, v)
+		}))
+	}
+	a := serve(map[string]int64{"1": 5, "2": 7, "3": 2})
+	defer a.Close()
+	b := serve(map[string]int64{"1": 3, "2": 6, "3": 2})
+	defer b.Close()
+	r := &run{cfg: Config{Targets: []string{a.URL, b.URL}, Delta: time.Millisecond}, client: &http.Client{}}
+	reads, errs, stale := r.readBack(context.Background(), map[int32]int64{1: 4, 2: 0, 3: 2})
+	if reads != 12 || errs != 0 {
+		t.Errorf("read-back: %d reads, %d failed; want 12 and 0", reads, errs)
+	}
+	want := []FinalStale{{User: 1, Instance: b.URL, Saw: 3, Newest: 5}, {User: 2, Instance: b.URL, Saw: 6, Newest: 7}}
+	if !slices.Equal(stale, want) {
+		t.Errorf("stale = %+v, want %+v", stale, want)
 	}
 }

@@ -62,7 +62,7 @@ func (res *Result) view() reportView {
 		Title:    fmt.Sprintf("tiercache load report: cache %s, %d instances", res.CacheType, len(res.Targets)),
 		Describe: res.Describe(),
 		Started:  res.Started.Format(time.RFC1123),
-		Stale:    res.Coherence.StaleReads > 0,
+		Stale:    res.Coherence.Stale(),
 	}
 	for _, n := range opNames {
 		v.Ops = append(v.Ops, opRow{n, res.Ops[n]})
@@ -323,6 +323,7 @@ A read is <b>stale</b> if an update that returned a newer version had returned m
 <tr><td>reads checked</td><td>{{num .R.Coherence.Reads}}</td></tr>
 <tr><td>writes (versions returned)</td><td>{{num .R.Coherence.Writes}}</td></tr>
 <tr><td>stale reads</td><td><b>{{num .R.Coherence.StaleReads}}</b></td></tr>
+<tr><td>stale in the read-back after the load</td><td><b>{{len .R.Coherence.FinalStale}}</b> of {{num .R.Coherence.FinalReads}}</td></tr>
 <tr><td>late reads (older version, within δ)</td><td>{{num .R.Coherence.LateReads}}</td></tr>
 <tr><td>worst lag</td><td>{{f1 .R.Coherence.WorstLagMs}} ms</td></tr>
 </table>

@@ -302,13 +302,18 @@ func (res *Result) WriteSummary(w io.Writer) {
 		fmt.Fprintf(w, "  hit ratio    not available (%d scrapes of the instances failed)\n", res.ScrapeErrors)
 	}
 	verdict := "OK"
-	if c.StaleReads > 0 {
+	if c.Stale() {
 		verdict = "STALE READS"
 	}
 	fmt.Fprintf(w, "  coherence    %s: %d stale reads of %d checked against %d writes (δ = %.0f ms); %d late within δ, worst lag %.1f ms\n",
 		verdict, c.StaleReads, c.Reads, c.Writes, c.DeltaMs, c.LateReads, c.WorstLagMs)
 	for _, e := range c.Examples[:min(3, len(c.Examples))] {
 		fmt.Fprintf(w, "    user %d on %s at %.0f ms saw v%d, v%d had returned %.0f ms before\n", e.User, e.Instance, e.StartMs, e.Saw, e.Newer, e.LagMs)
+	}
+	fmt.Fprintf(w, "  read-back    %d stale of %d reads of every written user on every instance after the load (%d failed)\n",
+		len(c.FinalStale), c.FinalReads, c.FinalErrors)
+	for _, e := range c.FinalStale[:min(3, len(c.FinalStale))] {
+		fmt.Fprintf(w, "    user %d on %s saw v%d after v%d had been seen\n", e.User, e.Instance, e.Saw, e.Newest)
 	}
 	if len(res.ErrorKinds) > 0 {
 		for _, k := range slices.Sorted(maps.Keys(res.ErrorKinds)) {
