@@ -722,6 +722,16 @@ func (c *Cache[V]) refreshMany(ctx context.Context, keys []staleKey, load BatchL
 			ks[i] = fk[1:]
 		}
 		c.st.refreshes.Add(uint64(len(ks)))
+		defer func() {
+			if p := recover(); p != nil { // a panicking loader is held off too, as in refreshAsync
+				c.st.failSafe.Add(uint64(len(ks)))
+				until := time.Now().Add(c.opts.RetryThrottle).UnixNano()
+				for _, k := range ks {
+					c.holdOff(k, until)
+				}
+				panic(p) // the flight turns it into its joiners' error
+			}
+		}()
 		out, err := c.readThroughMany(ctx, ks, snaps, load, replace)
 		if err != nil {
 			if c.closing.Load() {

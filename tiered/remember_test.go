@@ -1268,3 +1268,36 @@ func TestRemember_MemoryMode(t *testing.T) {
 		}
 	})
 }
+
+// TestRememberMany_PanickingRefreshHeldOff: a RememberMany refresh whose
+// BatchLoader panics is held off for RetryThrottle, as Remember's is.
+// Before, the panic skipped the hold-off, and every stale read called the
+// panicking loader again.
+func TestRememberMany_PanickingRefreshHeldOff(t *testing.T) {
+	c := newCache[string](t, Options{Mode: ModeRedis, FreshFor: 50 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	var failing atomic.Bool
+	var calls atomic.Int32
+	load := func(ctx context.Context, keys []string) (map[string]string, error) {
+		if failing.Load() {
+			calls.Add(1)
+			panic("boom")
+		}
+		return map[string]string{"k": "v1"}, nil
+	}
+	if got, err := c.RememberMany(ctx, []string{"k"}, load); err != nil || got["k"] != "v1" {
+		t.Fatalf("RememberMany = %v, %v", got, err)
+	}
+	failing.Store(true)
+	time.Sleep(80 * time.Millisecond) // ages the value past FreshFor: no event marks it
+	for range 3 {
+		got, err := c.RememberMany(ctx, []string{"k"}, load)
+		if err != nil || got["k"] != "v1" {
+			t.Fatalf("stale RememberMany = %v, %v; want v1 (fail-safe)", got, err)
+		}
+		eventually(t, 5*time.Second, "the refresh to finish", func() bool { return c.flights.InFlight() == 0 })
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("panicking batch loader called %d times in 3 stale reads; want 1 (held off for RetryThrottle)", n)
+	}
+}
