@@ -91,8 +91,11 @@ type Options struct {
 	// PlainJSON stores JSON.stringify-compatible bytes with no envelope at
 	// exactly KeyPrefix+key, so a Node.js service and this cache can share L2
 	// during a migration. It forces the JSON codec and disables compression.
-	// Clear becomes a SCAN+UNLINK of the prefix, and Delete a plain DEL.
-	// So it needs a KeyPrefix of its own: not empty and not the Bus's,
+	// Clear becomes a SCAN+UNLINK of the prefix, and Delete a plain DEL:
+	// with no tombstone, a Remember whose loader read the source before a
+	// delete can store the old value after the Delete returned (it lives
+	// until TTL; a Set is still safe, since a fill never overwrites a key
+	// that exists). So it needs a KeyPrefix of its own: not empty and not the Bus's,
 	// under which every namespace keeps its keys (New refuses both), and
 	// not shared with another plain-JSON cache, whose keys Clear would
 	// delete too. A value under the prefix this cache cannot decode (the
