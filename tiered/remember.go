@@ -434,7 +434,7 @@ func (c *Cache[V]) startLoad(ctx context.Context, n int) (context.Context, func(
 			c.st.loadNotFound.Add(1)
 			err = nil // an answer, not a failure
 		default:
-			c.st.loadErr.Add(1)
+			c.st.loadErr.Add(uint64(n)) // per key, as the answers are
 		}
 		if result == "panic" {
 			err = errLoaderPanic

@@ -1301,3 +1301,19 @@ func TestRememberMany_PanickingRefreshHeldOff(t *testing.T) {
 		t.Fatalf("panicking batch loader called %d times in 3 stale reads; want 1 (held off for RetryThrottle)", n)
 	}
 }
+
+// TestStats_LoaderErrorsPerKey: a failed RememberMany load counts one
+// loader error per key, as a successful one counts its answers per key
+// (tiercache.requests{tier="loader"}); it counted one for the whole batch.
+func TestStats_LoaderErrorsPerKey(t *testing.T) {
+	c := newCache[string](t, Options{})
+	ctx := ctxT(t)
+	if _, err := c.RememberMany(ctx, []string{"a", "b", "c", "d"}, func(context.Context, []string) (map[string]string, error) {
+		return nil, errors.New("source down")
+	}); err == nil {
+		t.Fatal("RememberMany with a failing loader returned nil")
+	}
+	if n := c.telemetry().LoaderErrors; n != 4 {
+		t.Fatalf("loader errors after one failed load of 4 keys = %d, want 4", n)
+	}
+}
