@@ -118,6 +118,10 @@ type Cache[V any] struct {
 	closing   atomic.Bool
 	mu        sync.RWMutex
 	closeOnce sync.Once
+	// finalReplay is set by Shutdown, under mu's write lock, once the calls
+	// inside have drained, while it replays what they left in the outbox:
+	// the handler's Replay is admitted then, although closing is set.
+	finalReplay atomic.Bool
 	start     time.Time
 
 	st  counters
@@ -1043,19 +1047,27 @@ func (c *Cache[V]) Close() error {
 func (c *Cache[V]) Shutdown(ctx context.Context) error {
 	var err error
 	c.closeOnce.Do(func() {
+		c.closing.Store(true)
+		c.flights.Close()
+		// The write lock waits for the slow-path calls already inside, so
+		// the replay below sees what their writes left in the outbox
+		// (before, it ran first, and a write in flight as Close began was
+		// dropped with Redis up).
+		c.mu.Lock()
+		c.finalReplay.Store(true)
+		c.mu.Unlock()
 		var replayErr error
 		if c.bus != nil {
 			replayErr = c.bus.ReplayNow(ctx, c.name)
 		}
-		c.closing.Store(true)
-		c.flights.Close()
-		// The write lock waits for the slow-path calls already inside;
-		// teardown runs under it so no handler call can start meanwhile.
+		// teardown runs under the write lock, so no handler call can start
+		// meanwhile.
 		c.mu.Lock()
+		c.finalReplay.Store(false)
 		dropped := c.teardown()
 		c.mu.Unlock()
 		if dropped > 0 {
-			err = fmt.Errorf("tiered: close %q: %d invalidations of failed writes dropped unreplayed: %w",
+			err = fmt.Errorf("tiered: close %q: %d invalidations dropped unreplayed: %w",
 				c.name, dropped, invalidate.ErrOutboxDropped)
 			if replayErr != nil {
 				err = fmt.Errorf("%w (last replay: %w)", err, replayErr)

@@ -142,7 +142,14 @@ func (c *Cache[V]) deferKeys(keys []string) {
 func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error {
 	c := h.c
 	if err := c.enter(); err != nil {
-		return invalidate.ErrNotReplayed // closing: its Shutdown drops what is left
+		// Closing: admitted only during Shutdown's final replay, which
+		// holds off teardown while this read lock is held; afterwards
+		// Shutdown drops what is left.
+		c.mu.RLock()
+		if !c.finalReplay.Load() {
+			c.mu.RUnlock()
+			return invalidate.ErrNotReplayed
+		}
 	}
 	defer c.leave()
 	if c.beforeReplay != nil {

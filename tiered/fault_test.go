@@ -1043,3 +1043,45 @@ func TestDegraded_LocalValues(t *testing.T) {
 		}
 	})
 }
+
+// TestClose_ReplaysWriteInFlight: a write still inside the cache when Close
+// begins leaves its invalidation in the outbox (here through ModeMemory,
+// whose every Set goes there), and Close's last replay must see it: Close
+// waits for the calls inside before replaying. Before, it replayed first,
+// then dropped the write's invalidation with Redis up, and B kept serving
+// the value A had replaced.
+func TestClose_ReplaysWriteInFlight(t *testing.T) {
+	ns := namespace(t)
+	a := direct[string](t, srv, ns, Options{}, faultBus)
+	b := direct[string](t, srv, ns, Options{}, faultBus)
+	ctx := ctxT(t)
+	if err := a.c.Set(ctx, "k", "v1", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "k", "v1", "B")
+	mustGet(t, b.c, "k", "v1", "B from L1")
+	if err := a.c.SetMode(ModeMemory); err != nil { // the CACHE_TYPE rollback, live
+		t.Fatal(err)
+	}
+	inside, release := make(chan struct{}), make(chan struct{})
+	a.c.mu.Lock()
+	a.c.beforeMemoryStore = func(string) { close(inside); <-release }
+	a.c.mu.Unlock()
+	setDone := make(chan error, 1)
+	go func() { setDone <- a.c.Set(ctx, "k", "v2", 0) }()
+	await(t, inside, "A's Set inside the cache")
+	closeDone := make(chan error, 1)
+	go func() { closeDone <- a.c.Close() }()
+	eventually(t, 5*time.Second, "Close to have begun", a.c.closing.Load)
+	close(release)
+	if err := <-setDone; err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	if err := <-closeDone; err != nil {
+		t.Fatalf("Close with Redis up = %v; want its last replay to have sent the invalidation of the write in flight", err)
+	}
+	eventually(t, 5*time.Second, "B to drop v1", func() bool {
+		v, ok, err := b.c.Get(ctx, "k")
+		return err == nil && (!ok || v != "v1")
+	})
+}
