@@ -1,6 +1,7 @@
 package invalidate
 
 import (
+	"cmp"
 	"context"
 	crand "crypto/rand"
 	"errors"
@@ -67,6 +68,12 @@ type Options struct {
 	// tagged and untagged messages alike. The Bus keeps its own copy and
 	// never logs it.
 	Secret []byte
+
+	// Name tells this Bus's telemetry apart from another Bus's in the same
+	// process (one per Redis deployment): every Bus series carries it as
+	// the tiercache.bus attribute. Empty means Prefix, "@" and the client's
+	// first address (such as "tc:@redis:6379").
+	Name string
 
 	// Logger receives state changes (stream lost and regained). Nil means
 	// silent. Nothing is logged per message.
@@ -136,6 +143,24 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("invalidate: HeartbeatTimeout %v must exceed HeartbeatInterval %v", o.HeartbeatTimeout, o.HeartbeatInterval)
 	}
 	return o, nil
+}
+
+// defaultName is Options.Name's default: prefix@address of the client's
+// first node.
+func defaultName(rdb redis.UniversalClient, prefix string) string {
+	var addr string
+	switch c := rdb.(type) {
+	case *redis.Client:
+		addr = c.Options().Addr
+	case *redis.ClusterClient:
+		if a := c.Options().Addrs; len(a) > 0 {
+			addr = a[0]
+		}
+	}
+	if addr == "" {
+		return prefix
+	}
+	return prefix + "@" + addr
 }
 
 // Handler receives the messages of one namespace. Its methods are called
@@ -286,7 +311,7 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 	}
 	b.channel = b.subs[0].channel
 	b.epoch.Store(1) // dead until the first subscription is confirmed
-	b.tel, err = metrics.NewBus(metrics.Providers{Meter: opts.MeterProvider, Tracer: opts.TracerProvider}, b.telemetry)
+	b.tel, err = metrics.NewBus(metrics.Providers{Meter: opts.MeterProvider, Tracer: opts.TracerProvider}, cmp.Or(opts.Name, defaultName(rdb, opts.Prefix)), b.telemetry)
 	if err != nil {
 		return nil, fmt.Errorf("invalidate: telemetry: %w", err)
 	}

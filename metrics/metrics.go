@@ -36,6 +36,7 @@ const (
 	KeyResult    = attribute.Key("tiercache.result")    // hit, miss, stale, error, ok, not_found, panic, applied, own, ignored, malformed, rejected
 	KeyOperation = attribute.Key("tiercache.operation") // get, set, delete, get_many, ...
 	KeyKeys      = attribute.Key("tiercache.keys")      // how many keys a batch span covers (a count)
+	KeyBus       = attribute.Key("tiercache.bus")       // the Bus's name (invalidate.Options.Name): one per Bus in the process
 	keyDBSystem  = attribute.Key("db.system.name")
 	keyDBOp      = attribute.Key("db.operation.name")
 )
@@ -343,6 +344,7 @@ type BusSnapshot struct {
 type Bus struct {
 	tracer trace.Tracer
 	lag    metric.Float64Histogram
+	lagSet []metric.RecordOption // the Bus's attribute, built once
 	reg    metric.Registration
 }
 
@@ -350,9 +352,12 @@ type Bus struct {
 var lagBuckets = []float64{0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
 
 // NewBus creates a Bus's instruments. snap is called at each collection.
-func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
+// Every series carries the Bus's name (KeyBus), so that two Buses of one
+// process (one per Redis deployment) report apart.
+func NewBus(p Providers, name string, snap func() BusSnapshot) (*Bus, error) {
 	m := p.meter()
-	t := &Bus{tracer: p.tracer()}
+	bus := KeyBus.String(name)
+	t := &Bus{tracer: p.tracer(), lagSet: []metric.RecordOption{metric.WithAttributeSet(attribute.NewSet(bus))}}
 	var errs []error
 	add := func(err error) {
 		if err != nil {
@@ -407,9 +412,10 @@ func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
 		return nil, err
 	}
 	res := func(r string) metric.ObserveOption {
-		return metric.WithAttributeSet(attribute.NewSet(KeyResult.String(r)))
+		return metric.WithAttributeSet(attribute.NewSet(bus, KeyResult.String(r)))
 	}
 	applied, own, ignored, malformed, rejected := res("applied"), res("own"), res("ignored"), res("malformed"), res("rejected")
+	b := metric.WithAttributeSet(attribute.NewSet(bus))
 	t.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		s := snap()
 		o.ObserveInt64(received, i64(s.Applied), applied)
@@ -417,18 +423,18 @@ func NewBus(p Providers, snap func() BusSnapshot) (*Bus, error) {
 		o.ObserveInt64(received, i64(s.Ignored), ignored)
 		o.ObserveInt64(received, i64(s.Malformed), malformed)
 		o.ObserveInt64(received, i64(s.Rejected), rejected)
-		o.ObserveInt64(live, b2i(s.Live))
-		o.ObserveFloat64(silence, s.SinceHeard.Seconds())
-		o.ObserveFloat64(hbt, s.HeartbeatTimeout.Seconds())
-		o.ObserveInt64(reconnects, i64(s.Reconnects))
-		o.ObserveInt64(resets, i64(s.Resets))
-		o.ObserveInt64(circuit, b2i(s.CircuitOpen))
-		o.ObserveInt64(opens, i64(s.CircuitOpens))
-		o.ObserveInt64(depth, int64(s.OutboxDepth))
-		o.ObserveInt64(deferred, i64(s.Deferred))
-		o.ObserveInt64(replayed, i64(s.Replayed))
-		o.ObserveInt64(overflows, i64(s.Overflows))
-		o.ObserveInt64(dropped, i64(s.Dropped))
+		o.ObserveInt64(live, b2i(s.Live), b)
+		o.ObserveFloat64(silence, s.SinceHeard.Seconds(), b)
+		o.ObserveFloat64(hbt, s.HeartbeatTimeout.Seconds(), b)
+		o.ObserveInt64(reconnects, i64(s.Reconnects), b)
+		o.ObserveInt64(resets, i64(s.Resets), b)
+		o.ObserveInt64(circuit, b2i(s.CircuitOpen), b)
+		o.ObserveInt64(opens, i64(s.CircuitOpens), b)
+		o.ObserveInt64(depth, int64(s.OutboxDepth), b)
+		o.ObserveInt64(deferred, i64(s.Deferred), b)
+		o.ObserveInt64(replayed, i64(s.Replayed), b)
+		o.ObserveInt64(overflows, i64(s.Overflows), b)
+		o.ObserveInt64(dropped, i64(s.Dropped), b)
 		return nil
 	}, received, live, silence, hbt, reconnects, resets, circuit, opens, depth, deferred, replayed, overflows, dropped)
 	if err != nil {
@@ -456,7 +462,7 @@ func (t *Bus) Lag(ctx context.Context, d time.Duration) {
 	if t == nil {
 		return
 	}
-	t.lag.Record(ctx, max(d, 0).Seconds())
+	t.lag.Record(ctx, max(d, 0).Seconds(), t.lagSet...)
 }
 
 // Span starts a span for the Bus (a replay, a resubscription).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -504,6 +505,7 @@ func TestCardinality(t *testing.T) {
 	// Every attribute value comes from a closed set, so however many keys
 	// pass, the attribute sets stay bounded; and no key or value appears.
 	allowed := map[string][]string{
+		"tiercache.bus":       {s.Prefix() + "@" + s.Addr()}, // the Bus's name: prefix@address by default
 		"tiercache.namespace": {"cardinality"},
 		"tiercache.tier":      {"l1", "l2", "loader"},
 		"tiercache.result":    {"hit", "miss", "error", "ok", "not_found", "panic", "applied", "own", "ignored", "malformed", "rejected"},
@@ -601,5 +603,39 @@ func BenchmarkL1Hit(b *testing.B) {
 		})
 		c.Close()
 		bus.Close()
+	}
+}
+
+// TestBusesReportApart: two Buses in one process (one per Redis
+// deployment) report each into series of their own, told apart by
+// tiercache.bus. Before, both observed into one series per instrument, so
+// a dead Bus's tiercache.bus.live could be hidden by a live one's.
+func TestBusesReportApart(t *testing.T) {
+	s := redistest.Shared(t)
+	tel := newTelemetry(t)
+	live := newInstance(t, s, "twobuses", tel, invalidate.Options{})
+	// A second Bus, on a Redis that does not answer: never live.
+	dead := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", DialTimeout: 50 * time.Millisecond, ContextTimeoutEnabled: true, MaxRetries: -1})
+	t.Cleanup(func() { dead.Close() })
+	db, err := invalidate.New(dead, invalidate.Options{Prefix: s.Prefix(), MeterProvider: tel.mp, TracerProvider: tel.tp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	got := map[string]int64{}
+	for _, sm := range tel.collect(t).ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name != "tiercache.bus.live" {
+				continue
+			}
+			for _, p := range m.Data.(metricdata.Gauge[int64]).DataPoints {
+				name, _ := p.Attributes.Value(metrics.KeyBus)
+				got[name.AsString()] = p.Value
+			}
+		}
+	}
+	want := map[string]int64{s.Prefix() + "@" + s.Addr(): 1, s.Prefix() + "@127.0.0.1:1": 0}
+	if !maps.Equal(got, want) || !live.bus.Live() {
+		t.Fatalf("tiercache.bus.live by tiercache.bus = %v, want %v", got, want)
 	}
 }
