@@ -122,7 +122,7 @@ type Cache[V any] struct {
 	// inside have drained, while it replays what they left in the outbox:
 	// the handler's Replay is admitted then, although closing is set.
 	finalReplay atomic.Bool
-	start     time.Time
+	start       time.Time
 
 	st  counters
 	tel *metrics.Cache

@@ -100,6 +100,8 @@ func (r *run) readBack(ctx context.Context, seen map[int32]int64) (reads, errs i
 			stale = append(stale, FinalStale{User: int(a.user), Instance: r.cfg.Targets[a.inst], Saw: a.version, Newest: seen[a.user]})
 		}
 	}
-	slices.SortFunc(stale, func(a, b FinalStale) int { return cmp.Or(cmp.Compare(a.User, b.User), cmp.Compare(a.Instance, b.Instance)) })
+	slices.SortFunc(stale, func(a, b FinalStale) int {
+		return cmp.Or(cmp.Compare(a.User, b.User), cmp.Compare(a.Instance, b.Instance))
+	})
 	return reads, errs, stale
 }
