@@ -333,13 +333,7 @@ func TestSetMany_SplitsByMessageSize(t *testing.T) {
 	a, b := f[0].c, f[1].c
 	ctx := ctxT(t)
 	bApplied := applied(b)
-	items := make(map[string]string, 300)
-	keys := make([]string, 0, 300)
-	for i := range 300 {
-		k := fmt.Sprintf("%04d", i) + strings.Repeat("k", 3996)
-		items[k] = "v"
-		keys = append(keys, k)
-	}
+	items, keys := longKeys()
 	if err := a.SetMany(ctx, items, 0); err != nil {
 		t.Fatalf("SetMany(300 valid keys of 4000 bytes) = %v; want nil", err)
 	}
@@ -395,13 +389,7 @@ func TestDeletePattern_LongKeysFlush(t *testing.T) {
 	f := newFleet[string](t, shared, 2, Options{MaxKeyLen: 4096})
 	a, b := f[0].c, f[1].c
 	ctx := ctxT(t)
-	items := make(map[string]string, 300)
-	keys := make([]string, 0, 300)
-	for i := range 300 {
-		k := fmt.Sprintf("%04d", i) + strings.Repeat("k", 3996)
-		items[k] = "v"
-		keys = append(keys, k)
-	}
+	items, keys := longKeys()
 	if err := a.SetMany(ctx, items, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -946,4 +934,17 @@ func TestRememberMany_ErrorReplyIsNotAMiss(t *testing.T) {
 	if typ := rdb.Type(ctx, bad).Val(); typ != "list" {
 		t.Errorf("the other program's value under %q is now a %s; want the list left alone", bad, typ)
 	}
+}
+
+// longKeys is 300 keys of 4,000 bytes (whose names alone take 1.2 MB in
+// one message), each with the value "v".
+func longKeys() (map[string]string, []string) {
+	items := make(map[string]string, 300)
+	keys := make([]string, 0, 300)
+	for i := range 300 {
+		k := fmt.Sprintf("%04d", i) + strings.Repeat("k", 3996)
+		items[k] = "v"
+		keys = append(keys, k)
+	}
+	return items, keys
 }
