@@ -138,22 +138,7 @@ func TestShutdown_DrainTimeoutKeepsInvalidation(t *testing.T) {
 	for k, v := range env {
 		e[k] = v
 	}
-	cfg, err := LoadConfig(envOf(e))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := New(context.Background(), cfg, Deps{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	serveCtx, stop := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(serveCtx, ln) }()
-	base := "http://" + ln.Addr().String()
+	srv, base, stop, served := serving(t, e)
 
 	const id = 9
 	before := getUser(t, b, id) // in b's L1 and in Redis

@@ -382,22 +382,7 @@ func TestAPI_CacheTypes(t *testing.T) {
 // refused, then the cache and the database are closed.
 func TestServe_GracefulShutdown(t *testing.T) {
 	rs := redistest.Start(t)
-	cfg, err := LoadConfig(envOf(testEnv(t, rs, map[string]string{"DB_LATENCY": "300ms", "SHUTDOWN_TIMEOUT": "5s"})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := New(context.Background(), cfg, Deps{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := "http://" + ln.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx, ln) }()
+	srv, base, cancel, served := serving(t, testEnv(t, rs, map[string]string{"DB_LATENCY": "300ms", "SHUTDOWN_TIMEOUT": "5s"}))
 
 	var wg sync.WaitGroup
 	var code int
@@ -523,4 +508,25 @@ func TestTelemetry_OTLPTraces(t *testing.T) {
 			t.Errorf("the collector did not receive %q (%d requests)", want, len(bodies))
 		}
 	}
+}
+
+// serving starts a Server from env on a port of its own, serving until
+// stop is called; served receives what Serve returned.
+func serving(t *testing.T, env map[string]string) (srv *Server, base string, stop context.CancelFunc, served <-chan error) {
+	t.Helper()
+	cfg, err := LoadConfig(envOf(env))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if srv, err = New(context.Background(), cfg, Deps{}); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	return srv, "http://" + ln.Addr().String(), stop, done
 }
