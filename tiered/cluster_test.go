@@ -49,13 +49,7 @@ func TestCluster_ShardedChannelMigrates(t *testing.T) {
 	reconnects := b.bus.Stats().Reconnects
 
 	from := cl.MasterForSlot(t, slot)
-	var to string
-	for _, m := range cl.Masters(t) {
-		if m != from {
-			to = m
-			break
-		}
-	}
+	to := otherMaster(t, cl, from)
 	cl.MigrateSlot(t, slot, to)
 	t.Logf("moved slot %d from %s to %s", slot, from, to)
 
@@ -159,13 +153,7 @@ func TestCluster_ShardedWritesDuringMigration(t *testing.T) {
 	}
 
 	src := cl.MasterForSlot(t, slot)
-	var dst string
-	for _, m := range cl.Masters(t) {
-		if m != src {
-			dst = m
-			break
-		}
-	}
+	dst := otherMaster(t, cl, src)
 	sa, da := nodeAdmin(t, src), nodeAdmin(t, dst)
 	srcID, err := sa.Do(ctx, "CLUSTER", "MYID").Text()
 	if err != nil {
@@ -232,4 +220,16 @@ func TestCluster_ShardedWritesDuringMigration(t *testing.T) {
 	if a.bus.CircuitOpen() || a.bus.OutboxDepth() != 0 {
 		t.Errorf("A after its writes: circuit open %v, outbox %d; want closed and empty", a.bus.CircuitOpen(), a.bus.OutboxDepth())
 	}
+}
+
+// otherMaster is a master of cl other than addr.
+func otherMaster(t *testing.T, cl *redistest.Cluster, addr string) string {
+	t.Helper()
+	for _, m := range cl.Masters(t) {
+		if m != addr {
+			return m
+		}
+	}
+	t.Fatalf("no master other than %s", addr)
+	return ""
 }
