@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -958,55 +959,46 @@ return 0`)
 // that instance's result, taking the lease over if it expires first (the
 // holder died). done reports that the result was found in Redis; otherwise
 // this load holds the lease and must call release when it has stored its
-// value. expect is updated to what Redis held when the lease was taken.
+// value. expect is the write ID Redis held when the caller read the key
+// (nil: absent), updated to what Redis held when the lease was taken.
+//
+// Each attempt sends the SET NX and a read of the key in one pipeline, the
+// read second: a holder stores its result before it releases, so an attempt
+// that finds the lease free also finds whatever the last holder stored, and
+// does not load it again. (The read was a separate poll after a failed SET:
+// a holder that stored and released between the poll and the next SET left
+// the next SET to take the lease over a result it never saw, and load again.)
 func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot, expect *[]byte) (r readResult[V], done bool, release func(), err error) {
 	dk := c.dataKey(gen, key)
 	lk := c.leaseKey(gen, key)
 	token := strconv.FormatUint(writeID(), 36)
 	h := hashKey(key)
+	ttl := c.leaseTTL()
 	for {
-		ttl := c.leaseTTL()
 		l2ctx, cancel := c.opCtx(ctx)
-		ok, err := c.rdb.SetNX(l2ctx, lk, token, ttl).Result()
+		pipe := c.rdb.Pipeline()
+		took := pipe.SetNX(l2ctx, lk, token, ttl)
+		get, pttl := pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk)
+		_, err := pipe.Exec(l2ctx)
 		cancel()
-		if err != nil {
+		if err != nil && !errors.Is(err, redis.Nil) {
 			// The SET may have taken the lease all the same (its reply
 			// lost): it expires in ttl, as a dead holder's does.
 			return r, false, nil, fmt.Errorf("tiered: lease %q: %w", key, err)
 		}
-		if ok {
+		r, done = c.leaseResult(key, h, s, get, pttl, expect)
+		switch {
+		case done && took.Val():
+			// Another load stored its result and released the lease
+			// since this one read the key: the result is here, and the
+			// lease goes back at once.
+			c.releaseLease(context.WithoutCancel(ctx), lk, token, ttl)
+			return r, true, nil, nil
+		case done:
+			return r, true, nil, nil
+		case took.Val():
 			c.st.leases.Add(1)
-			// Renew it while this load runs, so that only a dead holder's
-			// lease expires. The renewing goroutine belongs to this load:
-			// release stops it and waits for it.
-			bg := context.WithoutCancel(ctx)
-			stop, stopped := make(chan struct{}), make(chan struct{})
-			go func() {
-				defer close(stopped)
-				tick := time.NewTicker(ttl / 3)
-				defer tick.Stop()
-				for {
-					select {
-					case <-stop:
-						return
-					case <-tick.C:
-						rctx, cancel := context.WithTimeout(bg, ttl/3)
-						_ = renewScript.Run(rctx, c.rdb, []string{lk}, token, ttl.Milliseconds()).Err()
-						cancel()
-					}
-				}
-			}()
-			return r, false, func() {
-				close(stop)
-				<-stopped
-				d := c.opts.CommandTimeout
-				if d <= 0 {
-					d = ttl // CommandTimeout < 0: no bound of its own; the lease's life is one
-				}
-				ctx, cancel := context.WithTimeout(bg, d)
-				_ = releaseScript.Run(ctx, c.rdb, []string{lk}, token).Err()
-				cancel()
-			}, nil
+			return r, false, c.renewLease(ctx, lk, token, ttl), nil
 		}
 		// Another instance is loading: wait for its result.
 		c.st.leaseWaits.Add(1)
@@ -1017,36 +1009,75 @@ func (c *Cache[V]) lease(ctx context.Context, key string, gen uint64, s snapshot
 			return r, false, nil, ctx.Err()
 		case <-t.C:
 		}
-		l2ctx, cancel = c.opCtx(ctx)
-		// The lease first, then the value: a holder that stores and
-		// releases between the two is seen as done, never as gone
-		// without a result (which would start a second load).
-		pipe := c.rdb.Pipeline()
-		held := pipe.Exists(l2ctx, lk)
-		get, pttl := pipe.Get(l2ctx, dk), pipe.PTTL(l2ctx, dk)
-		_, err = pipe.Exec(l2ctx)
-		cancel()
-		if err != nil && !errors.Is(err, redis.Nil) {
-			return r, false, nil, fmt.Errorf("tiered: wait for the lease on %q: %w", key, err)
-		}
-		if raw, err := get.Bytes(); err == nil {
-			val, payload, found, derr := c.decode(raw)
-			switch {
-			case derr != nil:
-			case found:
-				c.fill(key, h, s, val, payload, raw, pttl.Val())
-				return readResult[V]{val: val, found: true}, true, nil, nil
-			case raw[3]&byte(wire.FlagNegative) != 0:
-				c.fillNegative(key, h, s, pttl.Val())
-				return readResult[V]{negative: true}, true, nil, nil
-			default: // a tombstone: what our own store must replace
-				*expect = raw[4:12]
-			}
-		} else {
-			*expect = nil
-		}
-		if held.Val() == 0 { // released without a result, or expired: our turn
-			continue
-		}
 	}
+}
+
+// leaseResult looks at what a lease attempt read of the key: a value or a
+// negative entry other than the write expect names is another load's
+// result, filled into L1; a tombstone, or the key's absence, becomes
+// what this load must store over.
+func (c *Cache[V]) leaseResult(key string, h uint64, s snapshot, get *redis.StringCmd, pttl *redis.DurationCmd, expect *[]byte) (readResult[V], bool) {
+	raw, err := get.Bytes()
+	if err != nil {
+		*expect = nil
+		return readResult[V]{}, false
+	}
+	if *expect != nil && len(raw) >= 12 && bytes.Equal(raw[4:12], *expect) {
+		return readResult[V]{}, false // the very write this load replaces
+	}
+	val, payload, found, derr := c.decode(raw)
+	switch {
+	case derr != nil:
+		// Left as it is: the caller's read dealt with corrupt bytes.
+	case found:
+		c.fill(key, h, s, val, payload, raw, pttl.Val())
+		return readResult[V]{val: val, found: true}, true
+	case raw[3]&byte(wire.FlagNegative) != 0:
+		c.fillNegative(key, h, s, pttl.Val())
+		return readResult[V]{negative: true}, true
+	default: // a tombstone: what our own store must replace
+		*expect = raw[4:12]
+	}
+	return readResult[V]{}, false
+}
+
+// renewLease keeps a lease this load took alive while the load runs, so
+// that only a dead holder's lease expires, and returns the release that
+// stops the renewing and gives the lease back. The renewing goroutine
+// belongs to the load: release stops it and waits for it.
+func (c *Cache[V]) renewLease(ctx context.Context, lk, token string, ttl time.Duration) (release func()) {
+	bg := context.WithoutCancel(ctx)
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(ttl / 3)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				rctx, cancel := context.WithTimeout(bg, ttl/3)
+				_ = renewScript.Run(rctx, c.rdb, []string{lk}, token, ttl.Milliseconds()).Err()
+				cancel()
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		<-stopped
+		c.releaseLease(bg, lk, token, ttl)
+	}
+}
+
+// releaseLease deletes the lease lk if token still holds it. Best effort:
+// a lease left behind expires in ttl.
+func (c *Cache[V]) releaseLease(ctx context.Context, lk, token string, ttl time.Duration) {
+	d := c.opts.CommandTimeout
+	if d <= 0 {
+		d = ttl // CommandTimeout < 0: no bound of its own; the lease's life is one
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	_ = releaseScript.Run(ctx, c.rdb, []string{lk}, token).Err()
+	cancel()
 }

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/tiercache/tiercache/internal/racebuild"
 )
 
@@ -726,6 +728,90 @@ func TestRemember_LeaseTakeover(t *testing.T) {
 	}
 	if v := <-second; v != "v2" {
 		t.Fatalf("the waiting instance got %q, want v2 from its own load", v)
+	}
+}
+
+// afterPipeline calls on(cmds) after each pipeline a client sends, once it
+// has its replies.
+type afterPipeline struct {
+	on func(cmds []redis.Cmder)
+}
+
+func (afterPipeline) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (afterPipeline) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h afterPipeline) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		h.on(cmds)
+		return err
+	}
+}
+
+// TestRemember_LeaseSeesResultStoredBeforeTaking: another instance's load
+// that stores its result and releases its lease in between this instance's
+// looks does not make this one load again, whether it lands after this
+// instance's read of the key and before it first tries the lease, or after
+// a look that found the lease held and before the next try. Before, the
+// value was read only when the lease was found held, apart from the try
+// that took it, so either way the next try took the lease over a result it
+// never saw and loaded it a second time (a CI run under the race detector
+// hit the second: "loads = 3, want 2" in TestRemember_LeaseRenewed). Forced
+// through a hook on this instance's client.
+func TestRemember_LeaseSeesResultStoredBeforeTaking(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		held bool // another instance holds the lease when this one comes
+	}{
+		{"after the read", false},
+		{"after a look at a held lease", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFleet[string](t, shared, 2, Options{Lease: true})
+			ctx := ctxT(t)
+			src := newSource()
+			src.put("k", "loaded a second time")
+			gen := f[1].c.nsGen.Load()
+			dk, lk := f[1].c.dataKey(gen, "k"), f[1].c.leaseKey(gen, "k")
+			if tc.held {
+				if err := f[0].rdb.Set(ctx, lk, "the-other-holder", time.Minute).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The other instance's load ends: its result is stored, its
+			// lease released, right after this instance's first pipeline
+			// that names the key (held: the lease).
+			watch := dk
+			if tc.held {
+				watch = lk
+			}
+			var once sync.Once
+			var hookErr error
+			f[1].rdb.AddHook(afterPipeline{on: func(cmds []redis.Cmder) {
+				for _, cmd := range cmds {
+					if len(cmd.Args()) < 2 || cmd.Args()[1] != watch {
+						continue
+					}
+					once.Do(func() {
+						if hookErr = f[0].c.Set(ctx, "k", "loaded by the other", 0); hookErr == nil {
+							hookErr = f[0].rdb.Del(ctx, lk).Err()
+						}
+					})
+				}
+			}})
+			v, err := f[1].c.Remember(ctx, "k", src.load)
+			if hookErr != nil {
+				t.Fatal(hookErr)
+			}
+			if err != nil || v != "loaded by the other" {
+				t.Fatalf("Remember = %q, %v; want the other instance's result", v, err)
+			}
+			if n := src.loads.Load(); n != 0 {
+				t.Fatalf("loads = %d, want 0: the other instance had loaded it", n)
+			}
+			if n, err := f[0].rdb.Exists(ctx, lk).Result(); err != nil || n != 0 {
+				t.Fatalf("lease left behind: EXISTS = %d, %v", n, err)
+			}
+		})
 	}
 }
 
