@@ -102,7 +102,7 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, 
 		}
 		return c.readL2(ctx, keys, ss)
 	})
-	err = c.collect(out, missing, results)
+	err = c.collect(out, missing, results, true)
 	return out, err
 }
 
@@ -142,8 +142,9 @@ func (c *Cache[V]) l1Many(keys []string, onHit func(key string, e *entry[V])) (o
 
 // collect adds the found values of a DoMany over missing to out (private
 // copies with CopyOnRead) and returns the first error, as the caller should
-// see it.
-func (c *Cache[V]) collect(out map[string]V, missing []string, results []flight.Result[readResult[V]]) error {
+// see it. redisErrs says the flights' errors are Redis failures, counted in
+// Stats.Errors (GetMany's; RememberMany's are its loader's).
+func (c *Cache[V]) collect(out map[string]V, missing []string, results []flight.Result[readResult[V]], redisErrs bool) error {
 	var first error
 	for i, r := range results {
 		switch {
@@ -168,11 +169,13 @@ func (c *Cache[V]) collect(out map[string]V, missing []string, results []flight.
 		return nil
 	case c.closing.Load():
 		return ErrClosed // the flights were cancelled by Close
-	case errors.As(first, &pe):
+	}
+	if redisErrs {
 		c.st.errors.Add(1)
+	}
+	if errors.As(first, &pe) {
 		return &PanicError{Value: pe.Value, Stack: pe.Stack}
 	}
-	c.st.errors.Add(1)
 	return first // the same failure, usually, for every key of a run
 }
 

@@ -673,7 +673,7 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		}
 		return c.readThroughMany(ctx, keys, snaps, load, nil)
 	})
-	err = c.collect(out, missing, results)
+	err = c.collect(out, missing, results, false)
 	for i, r := range results {
 		if r.Err == nil && r.Val.found && r.Val.stale {
 			refresh = append(refresh, staleKey{key: missing[i], wid: r.Val.wid, stale: true})

@@ -1391,6 +1391,9 @@ func TestRememberMany_PanickingRefreshHeldOff(t *testing.T) {
 // TestStats_LoaderErrorsPerKey: a failed RememberMany load counts one
 // loader error per key, as a successful one counts its answers per key
 // (tiercache.requests{tier="loader"}); it counted one for the whole batch.
+// Neither it nor a failed Remember load counts in Stats.Errors, which
+// counts failures of Redis: RememberMany's counted there (and a panic's
+// too), Remember's did not.
 func TestStats_LoaderErrorsPerKey(t *testing.T) {
 	c := newCache[string](t, Options{})
 	ctx := ctxT(t)
@@ -1401,5 +1404,18 @@ func TestStats_LoaderErrorsPerKey(t *testing.T) {
 	}
 	if n := c.telemetry().LoaderErrors; n != 4 {
 		t.Fatalf("loader errors after one failed load of 4 keys = %d, want 4", n)
+	}
+	if _, err := c.RememberMany(ctx, []string{"e"}, func(context.Context, []string) (map[string]string, error) {
+		panic("loader bug")
+	}); err == nil {
+		t.Fatal("RememberMany with a panicking loader returned nil")
+	}
+	if _, err := c.Remember(ctx, "f", func(context.Context, string) (string, error) {
+		return "", errors.New("source down")
+	}); err == nil {
+		t.Fatal("Remember with a failing loader returned nil")
+	}
+	if n := c.Stats().Errors; n != 0 {
+		t.Fatalf("Stats.Errors after three failed loads with Redis up = %d, want 0 (it counts Redis failures)", n)
 	}
 }
