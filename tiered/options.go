@@ -197,11 +197,12 @@ type Options struct {
 	// if the lease expires first (the holder died), so a dead holder delays
 	// them a third of LoadTimeout at most and they keep two thirds of it to
 	// load. Off by default: each waiting instance costs a Redis read per
-	// poll. RememberMany's batch loads and refreshes take no lease. Limits:
-	// when the holder's loader fails, the waiters do not get its error but
-	// take the lease one after another and each load; and a load that
-	// starts just after another stored and released runs a second time (its
-	// store is fenced off).
+	// poll. Each try at the lease reads the key in the same round trip, so
+	// an instance that finds the lease free also finds whatever its last
+	// holder stored, and does not load it again. RememberMany's batch loads
+	// and refreshes take no lease. Limit: when the holder's loader fails,
+	// the waiters do not get its error but take the lease one after another
+	// and each load.
 	Lease bool
 
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both
