@@ -129,7 +129,8 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 // invalidated: a copy an instance's L1 still holds after Redis lost the key
 // (evicted, or lost in a failover) lives until its L1 TTL. If Redis fails
 // part way, what is left goes to the outbox as a namespace flush: its
-// replay clears the whole namespace (like Clear), not only the pattern.
+// replay clears the whole namespace (like Clear), not only the pattern,
+// and this process's L1 of the namespace is voided at once.
 func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, error) {
 	if err := checkGlob(pattern); err != nil {
 		return 0, err
@@ -146,7 +147,7 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 		return 0, nil
 	}
 	if err := c.admit(); err != nil {
-		c.bus.DeferFlush(c.name) // which keys matched is unknown: flush them all on recovery
+		c.deferFlush() // which keys matched is unknown: flush them all on recovery
 		return 0, err
 	}
 	start := time.Now()
@@ -154,9 +155,20 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	c.report(start, err)
 	c.tel.Op(ctx, metrics.OpDeletePattern, start, err)
 	if err != nil {
-		c.bus.DeferFlush(c.name)
+		c.deferFlush()
 	}
 	return n, err
+}
+
+// deferFlush keeps a namespace flush that may not have reached Redis in
+// the outbox, then voids this process's L1, as a failed Clear does: what
+// L1 holds may be what the call deleted from Redis (an UNLINK whose reply
+// was lost), and the replay's flush never reaches this process (its Bus
+// skips its own messages). In that order, a read that starts after the
+// void finds the flush pending and does not refill L1 from Redis.
+func (c *Cache[V]) deferFlush() {
+	c.bus.DeferFlush(c.name)
+	c.invalidateAll()
 }
 
 func (c *Cache[V]) deletePattern(ctx context.Context, pattern string, flush bool) (int, error) {

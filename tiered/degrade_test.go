@@ -1,0 +1,80 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/internal/redistest"
+)
+
+// lostReplyHook lets commands named cmd through while on is set, then
+// fails them as a connection that broke before the reply would: Redis
+// applied them, the caller hears an error.
+type lostReplyHook struct {
+	cmd string
+	on  *atomic.Bool
+}
+
+func (lostReplyHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h lostReplyHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if err == nil && h.on.Load() && strings.EqualFold(cmd.Name(), h.cmd) {
+			err = &net.OpError{Op: "read", Err: errors.New("test: connection lost before the reply")}
+			cmd.SetErr(err)
+		}
+		return err
+	}
+}
+
+func (lostReplyHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestDeletePattern_FailureVoidsWritersL1: a DeletePattern that fails part
+// way (here its UNLINK reached Redis, its reply did not) leaves a namespace
+// flush in the outbox and, like a failed Clear or Set, voids what the
+// writer's own L1 holds. Before, the writer kept serving the deleted value
+// from L1 while Redis and its peers had none, and still did after the
+// replay (whose flush its own Bus skips as an echo), until L1TTL.
+func TestDeletePattern_FailureVoidsWritersL1(t *testing.T) {
+	s := redistest.Start(t)
+	ns := namespace(t)
+	bo := faultBus
+	bo.BreakerThreshold = -1
+	rdb := s.Client(t)
+	lost := new(atomic.Bool)
+	rdb.AddHook(lostReplyHook{cmd: "unlink", on: lost})
+	a := newInstance[string](t, s, ns, rdb, Options{}, bo)
+	b := direct[string](t, s, ns, Options{}, bo)
+	ctx := ctxT(t)
+	if err := a.c.Set(ctx, "k", "v", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, a.c, "k", "v", "A")
+	mustGet(t, a.c, "k", "v", "A from L1")
+	lost.Store(true)
+	if _, err := a.c.DeletePattern(ctx, "k*"); err == nil {
+		t.Fatal("DeletePattern whose UNLINK reply was lost returned nil")
+	}
+	lost.Store(false)
+	if v, ok, err := b.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("B after the UNLINK: Get(k) = %q, %v, %v; want a miss", v, ok, err)
+	}
+	if v, ok, err := a.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("A after its failed DeletePattern: Get(k) = %q, %v, %v; want a miss (its flush waits in the outbox)", v, ok, err)
+	}
+	if err := a.bus.ReplayNow(ctx, ns); err != nil {
+		t.Fatalf("ReplayNow: %v", err)
+	}
+	if v, ok, err := a.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("A after the replay: Get(k) = %q, %v, %v; want a miss", v, ok, err)
+	}
+}
