@@ -331,10 +331,19 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, items wr
 		}
 	}
 	c.st.errors.Add(1)
+	if c.beforeDefer != nil {
+		c.beforeDefer(keys)
+	}
+	// Outbox first, then void. A read takes its snapshot before it asks
+	// whether its key is pending: one that snapshots before the void has
+	// its fill refused, one after finds the key pending and does not read
+	// Redis. Voided first, a read in between read Redis's old value and
+	// kept it in L1 under a current snapshot, and the replay never voids
+	// this process's L1 (its Bus skips its own messages).
+	c.deferKeys(keys)
 	for _, k := range keys {
 		c.invalidateLocal(k)
 	}
-	c.deferKeys(keys)
 	return err
 }
 

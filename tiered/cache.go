@@ -130,6 +130,9 @@ type Cache[V any] struct {
 	// afterL2Read, when set by a test, runs between an L2 read and the L1
 	// store of its result: the seam for forcing fill races.
 	afterL2Read func(key string)
+	// beforeDefer, when set by a test, runs as a failed write is about to
+	// put its keys in the outbox.
+	beforeDefer func(keys []string)
 	// beforeReplay, when set by a test, runs as an outbox replay of this
 	// cache starts (after it is admitted).
 	beforeReplay func()
@@ -416,7 +419,15 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
 	}
-	if c.memoryOnly() || c.pending(key) {
+	if c.memoryOnly() {
+		return v, false, nil
+	}
+	// The snapshot is taken before the flight exists (see readL2), and
+	// before pending is asked: a failed write defers its key, then voids
+	// it (see write), so a read either finds the key pending or has its
+	// fill refused.
+	snap := c.snap(hashKey(key))
+	if c.pending(key) {
 		return v, false, nil
 	}
 	if err := ctx.Err(); err != nil {
@@ -424,8 +435,6 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	}
 	start := time.Now()
 	defer func() { c.tel.Op(ctx, metrics.OpGet, start, err) }()
-	// The snapshot is taken before the flight exists (see readL2).
-	snap := c.snap(hashKey(key))
 	// An L2 read is one short round trip: run it on this goroutine unless
 	// ctx's deadline is sooner than CommandTimeout (see DoInline).
 	r, err, _ := c.flights.DoInline(ctx, flightKey(key), c.opts.CommandTimeout, func(ctx context.Context) (readResult[V], error) {

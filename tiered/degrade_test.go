@@ -78,3 +78,45 @@ func TestDeletePattern_FailureVoidsWritersL1(t *testing.T) {
 		t.Fatalf("A after the replay: Get(k) = %q, %v, %v; want a miss", v, ok, err)
 	}
 }
+
+// TestOutbox_ReadRacingFailedWrite: a Get of a key on the instance whose
+// write of it has just failed (here its ctx was cancelled, so the write
+// never reached Redis) runs as the write puts the key in the outbox. It
+// must not leave in L1 the value the write meant to replace. Before, the
+// write voided the key first and deferred it after, so a Get in between
+// found it neither void nor pending, read Redis's old value and kept it in
+// L1 under a current snapshot: the writer served it, and still did after
+// the replay (its Bus skips its own invalidation) until L1TTL.
+func TestOutbox_ReadRacingFailedWrite(t *testing.T) {
+	a := direct[string](t, srv, namespace(t), Options{}, faultBus)
+	ctx := ctxT(t)
+	if err := a.c.Set(ctx, "k", "old", 0); err != nil {
+		t.Fatal(err)
+	}
+	raced := false
+	a.c.mu.Lock()
+	a.c.beforeDefer = func([]string) {
+		raced = true
+		if v, ok, err := a.c.Get(ctx, "k"); err != nil || (ok && v != "old") {
+			t.Errorf("Get racing the failed Set = %q, %v, %v", v, ok, err)
+		}
+	}
+	a.c.mu.Unlock()
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := a.c.Set(cancelled, "k", "new", 0); err == nil {
+		t.Fatal("Set with a cancelled ctx returned nil")
+	}
+	if !raced {
+		t.Fatal("the failed Set did not reach the outbox")
+	}
+	if v, ok, err := a.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("Get after the failed Set = %q, %v, %v; want a miss (the key is pending)", v, ok, err)
+	}
+	if err := a.bus.ReplayNow(ctx, a.c.name); err != nil {
+		t.Fatalf("ReplayNow: %v", err)
+	}
+	if v, ok, err := a.c.Get(ctx, "k"); err != nil || ok {
+		t.Fatalf("Get after the replay = %q, %v, %v; want a miss (the replay left a tombstone)", v, ok, err)
+	}
+}
