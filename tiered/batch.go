@@ -234,10 +234,14 @@ func (c *Cache[V]) set(ctx context.Context, keys []string, vals []V, ttl time.Du
 	// tiered mode: a value Redis never had, served until L1TTL.
 	ns := c.nsEpoch.Load()
 	if c.memoryOnly() {
+		// SetMode(ModeMemory): Redis must not keep what these replace.
+		// Deferred before setMemory voids the keys, as write does: a read
+		// in tiered mode again (SetMode back) then either finds them
+		// pending or has its fill refused.
+		c.deferKeys(keys)
 		for i, k := range keys {
 			c.setMemory(k, vals[i], payloads[i], ttl, ns)
 		}
-		c.deferKeys(keys) // SetMode(ModeMemory): Redis must not keep what these replaced
 		return nil
 	}
 	op := metrics.OpSet
@@ -266,11 +270,11 @@ func (c *Cache[V]) DeleteMany(ctx context.Context, keys ...string) error {
 	}
 	defer c.leave()
 	if c.memoryOnly() {
+		c.deferKeys(keys) // before the void: see set
 		for _, k := range keys {
 			c.invalidateLocal(k)
 		}
 		c.st.writes.Add(uint64(len(keys))) // as a tiered delete counts
-		c.deferKeys(keys)
 		return nil
 	}
 	op := metrics.OpDelete
@@ -331,9 +335,6 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, items wr
 		}
 	}
 	c.st.errors.Add(1)
-	if c.beforeDefer != nil {
-		c.beforeDefer(keys)
-	}
 	// Outbox first, then void. A read takes its snapshot before it asks
 	// whether its key is pending: one that snapshots before the void has
 	// its fill refused, one after finds the key pending and does not read

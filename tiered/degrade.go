@@ -130,6 +130,9 @@ func (c *Cache[V]) CurrentMode() Mode {
 // deferKeys puts keys whose write did not (surely) reach Redis in the
 // outbox; see invalidate.Bus.Defer.
 func (c *Cache[V]) deferKeys(keys []string) {
+	if c.beforeDefer != nil {
+		c.beforeDefer(keys)
+	}
 	if c.bus != nil {
 		c.bus.Defer(c.name, keys...)
 	}

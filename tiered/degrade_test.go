@@ -120,3 +120,58 @@ func TestOutbox_ReadRacingFailedWrite(t *testing.T) {
 		t.Fatalf("Get after the replay = %q, %v, %v; want a miss (the replay left a tombstone)", v, ok, err)
 	}
 }
+
+// TestSetMode_BackRacingMemoryWriteDefer: a memory-mode Set or Delete whose
+// key a Get reads just as SetMode(ModeTiered) ends memory mode. The Get,
+// in tiered mode, must not keep in L1 what Redis holds, which the
+// memory-mode write replaced and whose replay deletes it. Before, the
+// write stored (or voided) its key in L1 first and deferred it after, so a
+// Get in between found the key neither void nor pending and kept Redis's
+// older value: served after the write returned nil, until L1TTL.
+func TestSetMode_BackRacingMemoryWriteDefer(t *testing.T) {
+	a := direct[string](t, srv, namespace(t), Options{}, faultBus)
+	ctx := ctxT(t)
+	writes := map[string]func(k string) error{
+		"Set":    func(k string) error { return a.c.Set(ctx, k, "memory-mode write", 0) },
+		"Delete": func(k string) error { return a.c.Delete(ctx, k) },
+	}
+	for name, write := range writes {
+		k := "k-" + name
+		if err := a.c.Set(ctx, k, "old", 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.c.SetMode(ModeMemory); err != nil {
+			t.Fatal(err)
+		}
+		var raced bool
+		a.c.mu.Lock()
+		a.c.beforeDefer = func([]string) {
+			if raced {
+				return
+			}
+			raced = true
+			if err := a.c.SetMode(ModeTiered); err != nil {
+				t.Error(err)
+			}
+			if _, _, err := a.c.Get(ctx, k); err != nil {
+				t.Errorf("Get racing the memory-mode %s: %v", name, err)
+			}
+		}
+		a.c.mu.Unlock()
+		if err := write(k); err != nil {
+			t.Fatalf("%s in memory mode: %v", name, err)
+		}
+		if !raced {
+			t.Fatalf("the memory-mode %s did not reach the outbox", name)
+		}
+		if v, ok, err := a.c.Get(ctx, k); err != nil || ok {
+			t.Errorf("Get(%s) after a memory-mode %s = %q, %v, %v; want a miss", k, name, v, ok, err)
+		}
+		if err := a.bus.ReplayNow(ctx, a.c.name); err != nil {
+			t.Fatalf("ReplayNow: %v", err)
+		}
+		if v, ok, err := a.c.Get(ctx, k); err != nil || ok {
+			t.Errorf("Get(%s) after the replay of a memory-mode %s = %q, %v, %v; want a miss", k, name, v, ok, err)
+		}
+	}
+}
