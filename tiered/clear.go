@@ -140,10 +140,7 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	}
 	defer c.leave()
 	if c.memoryOnly() {
-		c.invalidateAll() // L1 cannot be scanned by pattern: drop it all
-		if c.bus != nil {
-			c.bus.DeferFlush(c.name)
-		}
+		c.deferFlush() // L1 cannot be scanned by pattern: drop it all
 		return 0, nil
 	}
 	if err := c.admit(); err != nil {
@@ -160,14 +157,20 @@ func (c *Cache[V]) DeletePattern(ctx context.Context, pattern string) (int, erro
 	return n, err
 }
 
-// deferFlush keeps a namespace flush that may not have reached Redis in
-// the outbox, then voids this process's L1, as a failed Clear does: what
-// L1 holds may be what the call deleted from Redis (an UNLINK whose reply
-// was lost), and the replay's flush never reaches this process (its Bus
-// skips its own messages). In that order, a read that starts after the
-// void finds the flush pending and does not refill L1 from Redis.
+// deferFlush keeps in the outbox a namespace flush that may not have
+// reached Redis (or, in memory mode, was not sent there), then voids this
+// process's L1, as Clear does: what L1 holds may be what the call deleted
+// from Redis (an UNLINK whose reply was lost), and the replay's flush never
+// reaches this process (its Bus skips its own messages). In that order, a
+// read that starts after the void finds the flush pending and does not
+// refill L1 from Redis.
 func (c *Cache[V]) deferFlush() {
-	c.bus.DeferFlush(c.name)
+	if c.beforeDefer != nil {
+		c.beforeDefer(nil)
+	}
+	if c.bus != nil { // nil in ModeMemory
+		c.bus.DeferFlush(c.name)
+	}
 	c.invalidateAll()
 }
 

@@ -121,19 +121,24 @@ func TestOutbox_ReadRacingFailedWrite(t *testing.T) {
 	}
 }
 
-// TestSetMode_BackRacingMemoryWriteDefer: a memory-mode Set or Delete whose
-// key a Get reads just as SetMode(ModeTiered) ends memory mode. The Get,
-// in tiered mode, must not keep in L1 what Redis holds, which the
-// memory-mode write replaced and whose replay deletes it. Before, the
-// write stored (or voided) its key in L1 first and deferred it after, so a
-// Get in between found the key neither void nor pending and kept Redis's
-// older value: served after the write returned nil, until L1TTL.
+// TestSetMode_BackRacingMemoryWriteDefer: a memory-mode Set, Delete or
+// DeletePattern whose key a Get reads just as SetMode(ModeTiered) ends
+// memory mode. The Get, in tiered mode, must not keep in L1 what Redis
+// holds, which the memory-mode write replaced and whose replay deletes it.
+// Before, the write stored (or voided) its keys in L1 first and deferred
+// them after, so a Get in between found the key neither void nor pending
+// and kept Redis's older value: served after the write returned nil, until
+// L1TTL.
 func TestSetMode_BackRacingMemoryWriteDefer(t *testing.T) {
 	a := direct[string](t, srv, namespace(t), Options{}, faultBus)
 	ctx := ctxT(t)
 	writes := map[string]func(k string) error{
 		"Set":    func(k string) error { return a.c.Set(ctx, k, "memory-mode write", 0) },
 		"Delete": func(k string) error { return a.c.Delete(ctx, k) },
+		"DeletePattern": func(k string) error {
+			_, err := a.c.DeletePattern(ctx, k)
+			return err
+		},
 	}
 	for name, write := range writes {
 		k := "k-" + name
