@@ -809,6 +809,15 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 
 // store hands e to ristretto (no TTL: e carries its own expiry) and waits
 // until it is visible.
+//
+// A Set that ristretto drops (its set buffer full) is of a key it did not
+// hold: a present key is replaced in place, never dropped. The entry it
+// held last may still sit in the hot index, though, if its eviction has not
+// reached OnExit yet, and pass the fence: the caller may be about to return
+// a newer value (a stale Remember hit that waited for its refresh), so the
+// drop retires the slot's promotions as a miss does (see hot.go).
+// A Set that admission refuses needs nothing: the refusal comes from the
+// policy goroutine, after any eviction's OnExit, and the Wait waits for it.
 func (c *Cache[V]) store(h uint64, e *entry[V]) {
 	e.hash = h
 	if c.l1.Set(h, e, e.cost) {
@@ -816,6 +825,9 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 		c.st.l1SetCost.Add(uint64(e.cost))
 		c.l1.Wait()
 	} else {
+		if c.l1 != nil { // ModeRedis fills too, into no L1 and no index
+			c.hot.missed(h)
+		}
 		c.st.l1Dropped.Add(1)
 	}
 }

@@ -335,3 +335,80 @@ func TestGetAfterRivalLoadReadsL1(t *testing.T) {
 		t.Fatalf("the Get read the key from Redis %d times after the load had filled L1", n)
 	}
 }
+
+// A stale Remember hit waits for its refresh, whose fill ristretto drops
+// (its set buffer full, as in a storm of fills) while the old entry is
+// between ristretto's eviction and its OnExit: ristretto's policy goroutine
+// evicted it to admit another entry and is held there (descheduled, in
+// life). R1 returns the refreshed value, which no tier of this instance
+// forgets: Redis holds it, ristretto holds nothing. The old entry still sits
+// in the hot index, not yet marked gone, and passes the fence (nothing
+// invalidated the key). R2 must not get it from there.
+func TestMonotonic_DroppedRefreshFillThroughIndex(t *testing.T) {
+	const maxCost = 1 << 20
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour, L1MaxCost: maxCost,
+		FreshFor: 30 * time.Millisecond, SoftTimeout: 2 * time.Second})
+	ctx := ctxT(t)
+	const key = "dropped"
+	h := hashKey(key)
+	if err := c.Set(ctx, key, "old", 0); err != nil {
+		t.Fatal(err)
+	}
+	old := intoIndex(t, c, key, func() error { _, _, err := c.Get(ctx, key); return err })
+	time.Sleep(60 * time.Millisecond) // past FreshFor
+
+	// Another entry, as large as L1, evicts old: ristretto's policy
+	// goroutine stops in old's OnExit. Admission compares access counts,
+	// so the newcomer is read until it wins.
+	inExit, release := holdExit(c, old)
+	held := true
+	defer func() {
+		if held {
+			release()
+		}
+	}()
+	big := h ^ 1
+	for evicted := false; !evicted; {
+		for range 4096 {
+			c.l1.Get(big)
+		}
+		rejected := c.st.l1Rejected.Load()
+		if !c.l1.Set(big, &entry[string]{key: "big", hash: big}, maxCost-64) {
+			continue
+		}
+		eventually(t, 5*time.Second, "the newcomer's admission or rejection", func() bool {
+			select {
+			case <-inExit:
+				evicted = true
+				return true
+			default:
+				return c.st.l1Rejected.Load() != rejected
+			}
+		})
+	}
+	if _, in := c.l1.Get(h); in {
+		t.Fatal("ristretto still holds the old entry")
+	}
+	// The fill storm: the set buffer fills up behind the held goroutine.
+	for i := uint64(0); c.l1.Set(big+2+i, &entry[string]{key: "storm"}, 1); i++ {
+	}
+
+	// The loader answers once R1 has joined its refresh (SoftTimeout): a
+	// refresh done before R1 joins leaves R1 the stale value.
+	joined := c.flights.Joined()
+	load := func(context.Context, string) (string, error) {
+		eventually(t, 5*time.Second, "R1 to join the refresh", func() bool { return c.flights.Joined() > joined })
+		return "new", nil
+	}
+	if v, err := c.Remember(ctx, key, load); err != nil || v != "new" {
+		t.Fatalf("R1: Remember = %q, %v; want the refreshed \"new\"", v, err)
+	}
+	if c.st.l1Dropped.Load() == 0 {
+		t.Fatal("the refresh's fill was not dropped: this test would not exercise a value returned unstored")
+	}
+	if v, _, err := c.Get(ctx, key); err != nil || v != "new" {
+		t.Fatalf("R2 after R1 returned \"new\": Get = %q, %v (monotonic reads broken)", v, err)
+	}
+	held = false
+	release()
+}
