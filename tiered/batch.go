@@ -76,23 +76,30 @@ func (c *Cache[V]) GetMany(ctx context.Context, keys []string) (_ map[string]V, 
 	if len(missing) == 0 {
 		return out, nil
 	}
+	// Through the flight group, key by key: a key another call is already
+	// reading is joined rather than read again, so no two fills of one key
+	// race in L1 (which could leave the older value there).
+	fkeys := make([]string, len(missing))
+	// Snapshots are taken before the flights exist (see readL2), and before
+	// the mode check (see getSlow).
+	snaps := make(map[string]snapshot, len(missing))
+	for i, k := range missing {
+		fkeys[i] = flightKey(k)
+		snaps[k] = c.snap(hashKey(k))
+	}
 	if c.memoryOnly() {
 		return out, nil
+	}
+	if c.afterModeCheck != nil {
+		for _, k := range missing {
+			c.afterModeCheck(k)
+		}
 	}
 	if err := ctx.Err(); err != nil {
 		return out, err
 	}
 	start := time.Now()
 	defer func() { c.tel.Op(ctx, metrics.OpGetMany, start, err) }()
-	// Through the flight group, key by key: a key another call is already
-	// reading is joined rather than read again, so no two fills of one key
-	// race in L1 (which could leave the older value there).
-	fkeys := make([]string, len(missing))
-	snaps := make(map[string]snapshot, len(missing)) // taken before the flights exist (see readL2)
-	for i, k := range missing {
-		fkeys[i] = flightKey(k)
-		snaps[k] = c.snap(hashKey(k))
-	}
 	results := c.flights.DoMany(ctx, fkeys, c.opts.CommandTimeout, func(ctx context.Context, fkeys []string) (map[string]readResult[V], error) {
 		keys := make([]string, len(fkeys))
 		ss := make([]snapshot, len(fkeys))
@@ -576,10 +583,10 @@ func (c *Cache[V]) setMemory(key string, v V, payload []byte, ttl time.Duration,
 	if c.l1 == nil {
 		return
 	}
+	c.invalidateLocal(key)
 	if c.beforeMemoryStore != nil {
 		c.beforeMemoryStore(key)
 	}
-	c.invalidateLocal(key)
 	h := xxhash.Sum64String(key)
 	epoch := c.busEpoch()
 	// Under an untrusted stream (SetMode(ModeMemory) while Redis is down)

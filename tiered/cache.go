@@ -144,8 +144,9 @@ type Cache[V any] struct {
 	// validation on read catches what slips past the pre-check.
 	beforeL1Store func(key string)
 	// beforeMemoryStore, when set by a test, runs as a memory-mode write
-	// (Set, SetMany) starts storing key in L1, after its mode check: the
-	// seam for racing SetMode.
+	// (Set, SetMany) of key, after its mode check and its invalidation of
+	// key, is about to store it in L1: the seam for racing SetMode and
+	// reads.
 	beforeMemoryStore func(key string)
 	// beforeHotExit, when set by a test, runs in ristretto's OnExit before
 	// the hot index hears of the exit.
@@ -155,6 +156,10 @@ type Cache[V any] struct {
 	// forcing a flight to start late and an invalidation to arrive late.
 	flightStart func(key string)
 	beforeApply func()
+	// afterModeCheck, when set by a test, runs in a Get or GetMany that
+	// missed L1 for key once it has found the cache not memory-only (and the
+	// key not pending), before its flight: the seam for racing SetMode.
+	afterModeCheck func(key string)
 }
 
 type readResult[V any] struct {
@@ -419,16 +424,20 @@ func (c *Cache[V]) getSlow(ctx context.Context, key string) (v V, ok bool, err e
 	if c.l1 != nil {
 		c.st.l1Misses.Add(1)
 	}
-	if c.memoryOnly() {
-		return v, false, nil
-	}
 	// The snapshot is taken before the flight exists (see readL2), and
-	// before pending is asked: a failed write defers its key, then voids
+	// before the mode check and the pending check. A SetMode(ModeMemory)
+	// after the mode check bumps the namespace epoch, which then voids this
+	// read's fill; taken after it, the snapshot could follow the switch and
+	// a memory-mode write of key, and the fill of what Redis held would
+	// replace that write in L1. A failed write defers its key, then voids
 	// it (see write), so a read either finds the key pending or has its
 	// fill refused.
 	snap := c.snap(hashKey(key))
-	if c.pending(key) {
+	if c.memoryOnly() || c.pending(key) {
 		return v, false, nil
+	}
+	if c.afterModeCheck != nil {
+		c.afterModeCheck(key)
 	}
 	if err := ctx.Err(); err != nil {
 		return v, false, err

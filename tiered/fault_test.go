@@ -1085,3 +1085,76 @@ func TestClose_ReplaysWriteInFlight(t *testing.T) {
 		return err == nil && (!ok || v != "v1")
 	})
 }
+
+// TestSetMode_GetInFlightKeepsNoRedisValueOverMemoryWrite: a Get (or
+// GetMany) that missed L1 finds the cache tiered; then (forced through the
+// seams) SetMode(ModeMemory) switches it and a memory-mode Set of the key
+// voids it; the read looks in L1 (nothing yet) and reads Redis; the Set
+// stores its value and returns; only then does the read fill. The read may
+// answer what Redis held (it was concurrent with both), but its fill must
+// not replace the completed Set's value in L1: later reads, in memory mode,
+// must not see Redis's older value. Before, the read's fence snapshot was
+// taken after its mode check, after both the switch's and the Set's bumps,
+// so its fill passed the fence and L1 served the old value until L1TTL.
+func TestSetMode_GetInFlightKeepsNoRedisValueOverMemoryWrite(t *testing.T) {
+	reads := map[string]func(ctx context.Context, c *Cache[string], key string) (string, bool, error){
+		"Get": func(ctx context.Context, c *Cache[string], key string) (string, bool, error) {
+			return c.Get(ctx, key)
+		},
+		"GetMany": func(ctx context.Context, c *Cache[string], key string) (string, bool, error) {
+			m, err := c.GetMany(ctx, []string{key})
+			v, ok := m[key]
+			return v, ok, err
+		},
+	}
+	for name, read := range reads {
+		t.Run(name, func(t *testing.T) {
+			testGetInFlightKeepsNoRedisValueOverMemoryWrite(t, read)
+		})
+	}
+}
+
+func testGetInFlightKeepsNoRedisValueOverMemoryWrite(t *testing.T, get func(ctx context.Context, c *Cache[string], key string) (string, bool, error)) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour})
+	ctx := ctxT(t)
+	const key = "k"
+	if err := c.Set(ctx, key, "redis", 0); err != nil {
+		t.Fatal(err)
+	}
+	inStore, store := make(chan struct{}), make(chan struct{})
+	setDone := make(chan error, 1)
+	var switched, read atomic.Bool
+	c.mu.Lock()
+	c.beforeMemoryStore = func(string) { close(inStore); <-store }
+	c.afterModeCheck = func(string) {
+		if switched.Swap(true) {
+			return
+		}
+		if err := c.SetMode(ModeMemory); err != nil {
+			t.Error(err)
+		}
+		go func() { setDone <- c.Set(ctx, key, "memory", 0) }()
+		await(t, inStore, "the memory-mode Set past its invalidation")
+	}
+	c.afterL2Read = func(string) {
+		if read.Swap(true) {
+			return
+		}
+		close(store)
+		if err := <-setDone; err != nil {
+			t.Errorf("Set in memory mode: %v", err)
+		}
+	}
+	c.mu.Unlock()
+	if v, ok, err := get(ctx, c, key); err != nil || !ok || v != "redis" {
+		t.Fatalf("read concurrent with the switch and the write = %q, %v, %v; want %q", v, ok, err, "redis")
+	}
+	if !read.Load() || c.CurrentMode() != ModeMemory {
+		t.Fatal("the seams did not run: the read did not read Redis across the switch and the write")
+	}
+	for range 3 {
+		if v, ok, err := get(ctx, c, key); err != nil || (ok && v != "memory") {
+			t.Fatalf("read after the memory-mode Set returned = %q, %v, %v; want %q (or a miss)", v, ok, err, "memory")
+		}
+	}
+}
