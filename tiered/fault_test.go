@@ -1099,7 +1099,8 @@ func TestClose_ReplaysWriteInFlight(t *testing.T) {
 func TestSetMode_GetInFlightKeepsNoRedisValueOverMemoryWrite(t *testing.T) {
 	// GetMany asks whether its keys are pending after the seam (readL2's
 	// skipPending), and the memory-mode Set defers its key before it
-	// stores, so GetMany may skip Redis and miss: nothing stale either way.
+	// stores, so GetMany skips Redis and misses: nothing stale either way.
+	// Get asks only before the seam; its snapshot is what voids its fill.
 	reads := map[string]struct {
 		read    func(ctx context.Context, c *Cache[string], key string) (string, bool, error)
 		mayMiss bool
@@ -1156,8 +1157,14 @@ func testGetInFlightKeepsNoRedisValueOverMemoryWrite(t *testing.T, get func(ctx 
 			finishSet()
 		}
 	}
+	// The outbox replays the Set's deferred key (a tombstone in Redis) as
+	// soon as it can; held until the read is done, so that the read finds
+	// Redis's old value, not the tombstone.
+	firstRead := make(chan struct{})
+	c.beforeReplay = func() { <-firstRead }
 	c.mu.Unlock()
 	v, ok, err := get(ctx, c, key)
+	close(firstRead)
 	if !switched.Load() || c.CurrentMode() != ModeMemory {
 		t.Fatal("the seams did not run: the read did not cross the switch and the write")
 	}
