@@ -33,6 +33,35 @@ func eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+// clocked is a cache whose coarse clock a test can read (see agePast).
+type clocked interface{ clockNow() int64 }
+
+func (c *Cache[V]) clockNow() int64 {
+	if c.l1 == nil { // no L1, no coarse clock: freshness is read from Redis, by the wall clock
+		return time.Now().UnixNano()
+	}
+	return c.now.Load()
+}
+
+// agePast lets d go by (there is no event for time passing), then waits
+// until each cache's coarse clock has seen it go by: the goroutine that
+// advances the clock lags real time when the scheduler starves it (the race
+// detector, other packages' tests on the same 2 cores), and an L1 entry
+// past FreshFor by the wall clock is then still fresh by the cache's.
+func agePast(t testing.TB, d time.Duration, cs ...clocked) {
+	t.Helper()
+	at := time.Now().Add(d).UnixNano()
+	time.Sleep(d)
+	eventually(t, 5*time.Second, "the caches' clocks to pass the wait", func() bool {
+		for _, c := range cs {
+			if c.clockNow() < at {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // mustGet reads key and fails unless it holds want.
 func mustGet(t testing.TB, c *Cache[string], key, want, when string) {
 	t.Helper()

@@ -49,7 +49,7 @@ func TestMonotonic_StaleRefreshNotStored(t *testing.T) {
 	if v, err := c.Remember(ctx, key, load); err != nil || v != "old" {
 		t.Fatalf("fill: %q %v", v, err)
 	}
-	time.Sleep(60 * time.Millisecond) // past FreshFor
+	agePast(t, 60*time.Millisecond, c) // past FreshFor
 	if v, err := c.Remember(ctx, key, load); err != nil || v != "new" {
 		t.Fatalf("R1: Remember = %q, %v; want the refreshed \"new\"", v, err)
 	}
@@ -260,7 +260,7 @@ func TestMonotonic_RefreshesLandInL1(t *testing.T) {
 			t.Fatalf("first Remember = %q, %v", v, err)
 		}
 		version = "v2"
-		time.Sleep(60 * time.Millisecond) // past FreshFor
+		agePast(t, 60*time.Millisecond, c) // past FreshFor
 		if v, err := c.Remember(ctx, "k", load); err != nil || v != "v2" {
 			t.Fatalf("stale Remember = %q, %v; want the refreshed v2", v, err)
 		}
@@ -278,7 +278,7 @@ func TestMonotonic_RefreshesLandInL1(t *testing.T) {
 			}
 		}
 		version = "v2"
-		time.Sleep(60 * time.Millisecond) // past FreshFor
+		agePast(t, 60*time.Millisecond, self, peer) // past FreshFor
 		if v, err := peer.Remember(ctx, "k", load); err != nil || v != "v2" {
 			t.Fatalf("peer's stale Remember = %q, %v", v, err)
 		}
@@ -355,7 +355,7 @@ func TestMonotonic_DroppedRefreshFillThroughIndex(t *testing.T) {
 		t.Fatal(err)
 	}
 	old := intoIndex(t, c, key, func() error { _, _, err := c.Get(ctx, key); return err })
-	time.Sleep(60 * time.Millisecond) // past FreshFor
+	agePast(t, 60*time.Millisecond, c) // past FreshFor
 
 	// Another entry, as large as L1, evicts old: ristretto's policy
 	// goroutine stops in old's OnExit. Admission compares access counts,

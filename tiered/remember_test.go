@@ -496,7 +496,7 @@ func TestRememberMany_StaleWhileRevalidate(t *testing.T) {
 	}
 	src.put("a", "a2")
 	src.put("b", "b2")
-	time.Sleep(200 * time.Millisecond) // past the fresh period: there is no event for it
+	agePast(t, 200*time.Millisecond, f[0].c, f[1].c) // past the fresh period: there is no event for it
 	// Instance 1 reads them stale from Redis, instance 0 from its L1.
 	for i, in := range f {
 		got, err := in.c.RememberMany(ctx, keys, load)
@@ -574,7 +574,7 @@ func TestRememberMany_RefreshIsOneBatch(t *testing.T) {
 	if _, err := c.RememberMany(ctx, keys, load); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	agePast(t, 80*time.Millisecond, c) // past the fresh period: there is no event for it
 	calls.Store(0)
 	if got, err := c.RememberMany(ctx, keys, load); err != nil || len(got) != len(keys) {
 		t.Fatalf("stale RememberMany: %d values, %v", len(got), err)
@@ -873,8 +873,8 @@ func TestRemember_StaleWhileRevalidate(t *testing.T) {
 	if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
 		t.Fatalf("Remember = %q, %v", v, err)
 	}
-	src.put("k", "v2")                 // the source moves on without telling the cache
-	time.Sleep(200 * time.Millisecond) // past the fresh period: there is no event for it
+	src.put("k", "v2")                               // the source moves on without telling the cache
+	agePast(t, 200*time.Millisecond, f[0].c, f[1].c) // past the fresh period: there is no event for it
 	for i := range 5 {
 		if v, err := f[0].c.Remember(ctx, "k", src.load); err != nil || (v != "v1" && v != "v2") {
 			t.Fatalf("stale Remember #%d = %q, %v", i, v, err)
@@ -905,7 +905,7 @@ func TestRemember_FailSafe(t *testing.T) {
 	if v, err := c.Remember(ctx, "k", ok); err != nil || v != "good" {
 		t.Fatalf("Remember = %q, %v", v, err)
 	}
-	time.Sleep(150 * time.Millisecond) // past the fresh period
+	agePast(t, 150*time.Millisecond, c) // past the fresh period
 	var calls atomic.Int32
 	failing := func(context.Context, string) (string, error) { calls.Add(1); return "", errors.New("db down") }
 	for i := range 5 {
@@ -992,7 +992,7 @@ func staleRefresh[V any](t *testing.T, g *failGate, c *Cache[V], load Loader[V])
 		t.Fatal(err)
 	}
 	g.failing.Store(true)
-	time.Sleep(80 * time.Millisecond)    // past the fresh period: there is no event for it
+	agePast(t, 80*time.Millisecond, c)   // past the fresh period: there is no event for it
 	v, err := c.Remember(ctx, "k", load) // stale: served, starts the refresh
 	if err != nil {
 		t.Fatalf("stale Remember: %v", err)
@@ -1027,7 +1027,7 @@ func TestRemember_FailSafeForJoiners(t *testing.T) {
 		}
 	}
 	g.failing.Store(true)
-	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	agePast(t, 80*time.Millisecond, c) // past the fresh period: there is no event for it
 	if v, err := c.Remember(ctx, "k", load); err != nil || v != "v1" {
 		t.Fatalf("stale Remember = %q, %v; want v1 at once", v, err)
 	}
@@ -1082,7 +1082,7 @@ func testRefreshFindsKeyGone(t *testing.T, c *Cache[string]) {
 	delete(src.vals, "k")
 	delete(src.vals, "m")
 	src.mu.Unlock()
-	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	agePast(t, 80*time.Millisecond, c) // past the fresh period: there is no event for it
 	eventually(t, 5*time.Second, "Remember to stop serving the deleted key", func() bool {
 		_, err := c.Remember(ctx, "k", src.load)
 		return errors.Is(err, ErrNotFound)
@@ -1119,7 +1119,7 @@ func TestRemember_ThrottleSwept(t *testing.T) {
 		}
 	}
 	failing.Store(true)
-	time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+	agePast(t, 80*time.Millisecond, c) // past the fresh period: there is no event for it
 	for _, k := range keys {
 		_, _ = c.Remember(ctx, k, load) // stale: a refresh that fails
 	}
@@ -1298,7 +1298,7 @@ func TestRemember_MemoryMode(t *testing.T) {
 			t.Fatalf("Remember after Set = %q, %v; want the written value while it is fresh", v, err)
 		}
 		src.put("k", "v2")
-		time.Sleep(80 * time.Millisecond) // past the fresh period: there is no event for it
+		agePast(t, 80*time.Millisecond, c) // past the fresh period: there is no event for it
 		eventually(t, 5*time.Second, "the loaded value to be refreshed", func() bool {
 			v, err := c.Remember(ctx, "k", src.load)
 			return err == nil && v == "v2"
@@ -1375,7 +1375,7 @@ func TestRememberMany_PanickingRefreshHeldOff(t *testing.T) {
 		t.Fatalf("RememberMany = %v, %v", got, err)
 	}
 	failing.Store(true)
-	time.Sleep(80 * time.Millisecond) // ages the value past FreshFor: no event marks it
+	agePast(t, 80*time.Millisecond, c) // ages the value past FreshFor: no event marks it
 	for range 3 {
 		got, err := c.RememberMany(ctx, []string{"k"}, load)
 		if err != nil || got["k"] != "v1" {
