@@ -729,6 +729,9 @@ func (c *Cache[V]) advanceGen(g uint64) {
 // invalidation is on its way, and the older one's fill could land after
 // the newer value was returned (TestMonotonic_*).
 func (c *Cache[V]) fill(key string, h uint64, s snapshot, val V, payload, raw []byte, l2TTL time.Duration) {
+	if c.l1 == nil { // ModeRedis: nothing to fill, nothing to void
+		return
+	}
 	if s != c.snap(h) {
 		// Something voided this key while we read it, so L1 may now hold a
 		// valid entry from a flight that started after that and yet read

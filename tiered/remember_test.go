@@ -1419,3 +1419,26 @@ func TestStats_LoaderErrorsPerKey(t *testing.T) {
 		t.Fatalf("Stats.Errors after three failed loads with Redis up = %d, want 0 (it counts Redis failures)", n)
 	}
 }
+
+// TestRemember_ModeRedisFillsNothing: in ModeRedis there is no L1, and a
+// Remember's load and its later reads from Redis fill nothing. They built
+// an entry (an allocation, the freshness fields) for every answer and handed
+// it to the absent L1, which refused it, counted in the dropped-sets
+// counter that Stats does not show without L1.
+func TestRemember_ModeRedisFillsNothing(t *testing.T) {
+	c := newCache[string](t, Options{Mode: ModeRedis})
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v")
+	for range 3 {
+		if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v" {
+			t.Fatalf("Remember = %q, %v", v, err)
+		}
+	}
+	if n := src.loads.Load(); n != 1 {
+		t.Fatalf("loads = %d, want 1 (then Redis answers)", n)
+	}
+	if n := c.st.l1Dropped.Load(); n != 0 {
+		t.Fatalf("%d entries built and handed to the L1 that ModeRedis does not have", n)
+	}
+}
