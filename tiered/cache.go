@@ -156,6 +156,10 @@ type Cache[V any] struct {
 	// forcing a flight to start late and an invalidation to arrive late.
 	flightStart func(key string)
 	beforeApply func()
+	// beforeJoinRefresh, when set by a test, runs in a stale Remember hit
+	// that waits for its refresh (SoftTimeout), between starting the
+	// refresh and joining it.
+	beforeJoinRefresh func(key string)
 	// afterModeCheck, when set by a test, runs in a Get or GetMany that
 	// missed L1 for key once it has found the cache not memory-only (and the
 	// key not pending), before its flight: the seam for racing SetMode.

@@ -174,12 +174,22 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	if c.opts.SoftTimeout <= 0 {
 		return stale, nil
 	}
+	if c.beforeJoinRefresh != nil {
+		c.beforeJoinRefresh(key)
+	}
 	wctx, cancel := context.WithTimeout(ctx, c.opts.SoftTimeout)
 	defer cancel()
 	// Join the refresh in flight. If it has finished already, run no other
 	// (refreshAsync decides, under the throttle): a second one here, started
 	// just after a failure and before its throttle was read, loaded twice.
+	// What a refresh that finished first stored in L1, if it is still fresh
+	// and another write than the stale one, is its result: the stale value
+	// was returned instead when the refresh beat this call to the join
+	// (a starved caller, a fast source).
 	r, err, _ := c.flights.Do(wctx, rememberKey(key), c.opts.LoadTimeout, func(context.Context) (readResult[V], error) {
+		if e, ok := c.peekL1(key); ok && e.wid != wid && (e.fresh == 0 || c.now.Load() < e.fresh) {
+			return readResult[V]{val: e.val, found: !e.negative, negative: e.negative}, nil
+		}
 		return readResult[V]{stale: true}, nil
 	})
 	switch {

@@ -1442,3 +1442,38 @@ func TestRemember_ModeRedisFillsNothing(t *testing.T) {
 		t.Fatalf("%d entries built and handed to the L1 that ModeRedis does not have", n)
 	}
 }
+
+// TestRemember_StaleHitTakesRefreshThatFinishedFirst: a stale Remember hit
+// that waits for its refresh (SoftTimeout) gets the refreshed value even
+// when the refresh finished before the call joined it. Before, joining
+// found no flight, ran none, and returned the stale value, although the
+// refresh had stored the new one in L1 (seen under load, where the caller
+// was descheduled between starting the refresh and joining it:
+// TestMonotonic_RefreshesLandInL1 got v1). Forced through a seam.
+func TestRemember_StaleHitTakesRefreshThatFinishedFirst(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour, FreshFor: 30 * time.Millisecond, SoftTimeout: 2 * time.Second})
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v1")
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("first Remember = %q, %v", v, err)
+	}
+	src.put("k", "v2")
+	agePast(t, 60*time.Millisecond, c) // past FreshFor
+	c.mu.Lock()
+	c.beforeJoinRefresh = func(string) {
+		eventually(t, 5*time.Second, "the refresh to finish", func() bool { return c.flights.InFlight() == 0 })
+	}
+	c.mu.Unlock()
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v2" {
+		t.Fatalf("stale Remember whose refresh finished first = %q, %v; want the refreshed v2", v, err)
+	}
+	if n := src.loads.Load(); n != 2 {
+		t.Fatalf("loads = %d, want 2 (the first, the refresh)", n)
+	}
+	if v, err := c.Remember(ctx, "k", func(context.Context, string) (string, error) {
+		return "", errors.New("the loader ran again")
+	}); err != nil || v != "v2" {
+		t.Fatalf("Remember after = %q, %v; want v2 from L1", v, err)
+	}
+}
