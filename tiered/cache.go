@@ -160,6 +160,10 @@ type Cache[V any] struct {
 	// that waits for its refresh (SoftTimeout), between starting the
 	// refresh and joining it.
 	beforeJoinRefresh func(key string)
+	// beforeRefreshPeek, when set by a test, runs in a stale Remember hit
+	// that found no refresh to join, before it looks in L1 for what a
+	// refresh that finished first stored there.
+	beforeRefreshPeek func(key string)
 	// afterModeCheck, when set by a test, runs in a Get or GetMany that
 	// missed L1 for key once it has found the cache not memory-only (and the
 	// key not pending), before its flight: the seam for racing SetMode.

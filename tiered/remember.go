@@ -185,13 +185,19 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	// What a refresh that finished first stored in L1, if it is still fresh
 	// and another write than the stale one, is its result: the stale value
 	// was returned instead when the refresh beat this call to the join
-	// (a starved caller, a fast source).
-	r, err, _ := c.flights.Do(wctx, rememberKey(key), c.opts.LoadTimeout, func(context.Context) (readResult[V], error) {
-		if e, ok := c.peekL1(key); ok && e.wid != wid && (e.fresh == 0 || c.now.Load() < e.fresh) {
-			return readResult[V]{val: e.val, found: !e.negative, negative: e.negative}, nil
+	// (a starved caller, a fast source). That look is no flight: a Remember
+	// that missed L1 meanwhile would join it as a load, and get its "stale,
+	// nothing found" as the zero value.
+	r, err, joined := c.flights.Join(wctx, rememberKey(key))
+	if !joined {
+		if c.beforeRefreshPeek != nil {
+			c.beforeRefreshPeek(key)
 		}
-		return readResult[V]{stale: true}, nil
-	})
+		r, err = readResult[V]{stale: true}, nil
+		if e, ok := c.peekL1(key); ok && e.wid != wid && (e.fresh == 0 || c.now.Load() < e.fresh) {
+			r = readResult[V]{val: e.val, found: !e.negative, negative: e.negative}
+		}
+	}
 	switch {
 	case err != nil || r.stale: // slow, or failing: fail-safe
 		return stale, nil

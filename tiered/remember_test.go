@@ -1477,3 +1477,72 @@ func TestRemember_StaleHitTakesRefreshThatFinishedFirst(t *testing.T) {
 		t.Fatalf("Remember after = %q, %v; want v2 from L1", v, err)
 	}
 }
+
+// TestRemember_MissDoesNotJoinRefreshPeek: a stale Remember hit that finds
+// its refresh already finished looks in L1 for the refresh's result. That
+// look ran as a flight under the key's Remember flight key, so a Remember
+// that missed L1 meanwhile (its entry past L1TTL) joined it as if it were a
+// load, got its "stale, nothing found" answer, and returned the zero value
+// with no error. Forced through a seam: the refresh fails (throttled), the
+// look is held while the entry leaves L1 and another Remember misses.
+func TestRemember_MissDoesNotJoinRefreshPeek(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: 150 * time.Millisecond, TTLJitter: -1,
+		FreshFor: 30 * time.Millisecond, SoftTimeout: 5 * time.Second, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v1")
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("first Remember = %q, %v", v, err)
+	}
+	agePast(t, 60*time.Millisecond, c) // past FreshFor, within L1TTL
+	inPeek, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	c.mu.Lock()
+	c.beforeJoinRefresh = func(string) {
+		eventually(t, 5*time.Second, "the refresh to finish", func() bool { return c.flights.InFlight() == 0 })
+	}
+	c.beforeRefreshPeek = func(string) {
+		once.Do(func() { close(inPeek); <-release })
+	}
+	c.mu.Unlock()
+	failing := func(context.Context, string) (string, error) { return "", errors.New("source down") }
+	aDone := make(chan string, 1)
+	go func() {
+		v, err := c.Remember(ctx, "k", failing)
+		if err != nil {
+			v = "error: " + err.Error()
+		}
+		aDone <- v
+	}()
+	<-inPeek
+	agePast(t, 150*time.Millisecond, c) // past L1TTL: the next Remember misses L1
+	bDone := make(chan string, 1)
+	go func() {
+		v, err := c.Remember(ctx, "k", src.load)
+		if err != nil {
+			v = "error: " + err.Error()
+		}
+		bDone <- v
+	}()
+	var b string
+	got := false
+	eventually(t, 5*time.Second, "the miss to finish or join the look", func() bool {
+		select {
+		case b = <-bDone:
+			got = true
+			return true
+		default:
+			return c.flights.Waiters(rememberKey("k")) > 1
+		}
+	})
+	close(release)
+	if !got {
+		b = <-bDone
+	}
+	if b != "v1" {
+		t.Fatalf("Remember that missed L1 during a stale hit's look = %q; want v1 (stale in Redis, refresh throttled)", b)
+	}
+	if a := <-aDone; a != "v1" {
+		t.Fatalf("stale Remember whose refresh failed = %q; want v1 (fail-safe)", a)
+	}
+}

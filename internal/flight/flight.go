@@ -212,6 +212,36 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 	}
 }
 
+// Join waits for key's run in flight, if any, and returns its result, as a
+// caller of Do that joined it would; ok is false, at once, when there is
+// none. It never starts a run, so no caller of Do can join what it does
+// instead. Leaving early (ctx done) works as for Do.
+func (g *Group[T]) Join(ctx context.Context, key string) (v T, err error, ok bool) {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return v, ErrClosed, true
+	}
+	c, ok := g.calls[key]
+	if !ok {
+		g.mu.Unlock()
+		return v, nil, false
+	}
+	c.waiters++
+	c.run.waiters++
+	g.joined.Add(1)
+	g.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.val, c.err, true
+	case <-ctx.Done():
+		if finished := g.leave([]*call[T]{c}); finished[c] {
+			return c.val, c.err, true
+		}
+		return v, ctx.Err(), true
+	}
+}
+
 // DoInline is Do for short runs: when no run for key is in flight and
 // ctx's deadline (if any) is no earlier than the timeout's, fn runs on the
 // caller's goroutine, which saves a goroutine and two wake-ups per run.
