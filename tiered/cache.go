@@ -164,6 +164,9 @@ type Cache[V any] struct {
 	// that found no refresh to join, before it looks in L1 for what a
 	// refresh that finished first stored there.
 	beforeRefreshPeek func(key string)
+	// beforeRefreshGo, when set by a test, runs in a refresh of key that
+	// found it not held off (RetryThrottle), before it starts its flight.
+	beforeRefreshGo func(key string)
 	// afterModeCheck, when set by a test, runs in a Get or GetMany that
 	// missed L1 for key once it has found the cache not memory-only (and the
 	// key not pending), before its flight: the seam for racing SetMode.
@@ -218,6 +221,11 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 	}
 	// A run whose callers all gave up may still fill: like Forget's,
 	// detaching it bumps the key's stripe, so its fill is voided.
+	// Background refreshes (the only runs started by Go and GoMany) of a
+	// key held off after a failure start none: checked when the run would
+	// start, so a stale hit that read the throttle before another's refresh
+	// failed and finished does not load again (TestRemember_RefreshAfterFailureHeldOff).
+	c.flights.Hold(func(fk string) bool { return fk[0] == 'r' && c.heldOff(fk[1:]) })
 	c.flights.OnDetach(func(fkeys []string) {
 		for _, fk := range fkeys {
 			c.stripes[hashKey(fk[1:])&stripeMask].Add(1)

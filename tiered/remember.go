@@ -108,7 +108,7 @@ func (c *Cache[V]) Remember(ctx context.Context, key string, load Loader[V]) (V,
 // refresh. If Redis no longer holds that write (deleted, expired), or the
 // cache is closing, the joiner gets the error.
 func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64, load Loader[V]) {
-	if until, ok := c.throttle.Load(key); ok && time.Now().UnixNano() < until.(int64) {
+	if c.heldOff(key) { // checked again as the flight starts (see Hold)
 		return
 	}
 	snap := c.snap(hashKey(key)) // before the flight exists (see readL2)
@@ -136,9 +136,18 @@ func (c *Cache[V]) refreshAsync(ctx context.Context, key string, replace uint64,
 		}
 		return r, err
 	}
+	if c.beforeRefreshGo != nil {
+		c.beforeRefreshGo(key)
+	}
 	// Go declines while the key has a Get flight in flight (rivalFlight):
 	// the refresh is then skipped, and the next stale hit tries again.
 	c.flights.Go(ctx, rememberKey(key), c.opts.LoadTimeout, refresh)
+}
+
+// heldOff reports whether key's refreshes are held off (see holdOff).
+func (c *Cache[V]) heldOff(key string) bool {
+	until, ok := c.throttle.Load(key)
+	return ok && time.Now().UnixNano() < until.(int64)
 }
 
 // holdOff keeps key's refreshes off until until (unix ns), after a failed

@@ -1546,3 +1546,52 @@ func TestRemember_MissDoesNotJoinRefreshPeek(t *testing.T) {
 		t.Fatalf("stale Remember whose refresh failed = %q; want v1 (fail-safe)", a)
 	}
 }
+
+// TestRemember_RefreshAfterFailureHeldOff: a stale hit that found its key
+// not held off, and then lost the CPU while another hit's refresh failed
+// and finished, started a second refresh and called the failing loader
+// again within RetryThrottle: the throttle was read before the flight was
+// started, not with it. Forced through a seam between the two.
+func TestRemember_RefreshAfterFailureHeldOff(t *testing.T) {
+	c := newCache[string](t, Options{TTL: time.Hour, L1TTL: time.Hour, FreshFor: 30 * time.Millisecond, RetryThrottle: time.Minute})
+	ctx := ctxT(t)
+	src := newSource()
+	src.put("k", "v1")
+	if v, err := c.Remember(ctx, "k", src.load); err != nil || v != "v1" {
+		t.Fatalf("first Remember = %q, %v", v, err)
+	}
+	agePast(t, 60*time.Millisecond, c) // past FreshFor
+	var loads atomic.Int32
+	failing := func(context.Context, string) (string, error) {
+		loads.Add(1)
+		return "", errors.New("source down")
+	}
+	paused, release := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool
+	c.mu.Lock()
+	c.beforeRefreshGo = func(string) {
+		if first.CompareAndSwap(false, true) {
+			close(paused)
+			<-release
+		}
+	}
+	c.mu.Unlock()
+	aDone := make(chan struct{})
+	go func() {
+		defer close(aDone)
+		if v, err := c.Remember(ctx, "k", failing); err != nil || v != "v1" {
+			t.Errorf("stale Remember A = %q, %v; want v1", v, err)
+		}
+	}()
+	<-paused
+	if v, err := c.Remember(ctx, "k", failing); err != nil || v != "v1" {
+		t.Fatalf("stale Remember B = %q, %v; want v1", v, err)
+	}
+	eventually(t, 5*time.Second, "B's refresh to fail and finish", func() bool { return loads.Load() == 1 && c.flights.InFlight() == 0 })
+	close(release)
+	<-aDone
+	eventually(t, 5*time.Second, "any refresh to finish", func() bool { return c.flights.InFlight() == 0 })
+	if n := loads.Load(); n != 1 {
+		t.Fatalf("loads within RetryThrottle of a failed refresh = %d, want 1", n)
+	}
+}

@@ -97,6 +97,9 @@ type Group[T any] struct {
 	// detached, if set, runs under g.mu with the keys of a run that leave
 	// detaches because all its callers gave up (see OnDetach).
 	detached func(keys []string)
+	// held, if set, runs under g.mu for each key Go or GoMany would start a
+	// run for (see Hold).
+	held func(key string) bool
 }
 
 // RivalWaits is how many times a caller waited for a rival run to finish
@@ -134,6 +137,18 @@ func NewRivals[T any](rival func(key string) string) *Group[T] {
 // one). A cache bumps its invalidation counters there, as with Forget's
 // also. Call it before the group is used.
 func (g *Group[T]) OnDetach(f func(keys []string)) { g.detached = f }
+
+// Hold sets f, which Go and GoMany call under the group's lock for each key
+// they would start a run for: a key f reports held gets none. Called there,
+// it sees what a run of the key recorded before it finished (a cache's retry
+// throttle after a failed background refresh), which a check before Go
+// could miss: the run could fail and finish in between. f must be fast and
+// must not call into the group. Do is unaffected. Call it before the group
+// is used.
+func (g *Group[T]) Hold(f func(key string) bool) { g.held = f }
+
+// isHeld reports whether f (see Hold) holds key; g.mu is held.
+func (g *Group[T]) isHeld(key string) bool { return g.held != nil && g.held(key) }
 
 // rivalInFlight returns key's rival's call in flight, or nil; g.mu is held.
 func (g *Group[T]) rivalInFlight(key string) *call[T] {
@@ -302,7 +317,8 @@ func (g *Group[T]) DoInline(ctx context.Context, key string, timeout time.Durati
 }
 
 // Go starts fn for key in the background unless a run for key (or, in a
-// group with rivals, for its rival) is in flight, and returns at once; it
+// group with rivals, for its rival) is in flight, or Hold's f holds key,
+// and returns at once; it
 // reports whether it started one. The run
 // is pinned: callers that join it with Do and leave do not cancel it; only
 // its timeout and Close do.
@@ -312,7 +328,7 @@ func (g *Group[T]) Go(ctx context.Context, key string, timeout time.Duration, fn
 	if g.closed {
 		return false
 	}
-	if _, inFlight := g.calls[key]; inFlight || g.rivalInFlight(key) != nil {
+	if _, inFlight := g.calls[key]; inFlight || g.rivalInFlight(key) != nil || g.isHeld(key) {
 		return false
 	}
 	c := &call[T]{key: key, done: make(chan struct{})}
@@ -340,7 +356,7 @@ func (g *Group[T]) GoMany(ctx context.Context, keys []string, timeout time.Durat
 	var fresh []*call[T]
 	var started []string
 	for _, k := range keys {
-		if _, inFlight := g.calls[k]; inFlight || g.rivalInFlight(k) != nil {
+		if _, inFlight := g.calls[k]; inFlight || g.rivalInFlight(k) != nil || g.isHeld(k) {
 			continue
 		}
 		c := &call[T]{key: k, done: make(chan struct{})}

@@ -1127,3 +1127,49 @@ func TestRivalsDetached(t *testing.T) {
 		}
 	})
 }
+
+// TestHold: Go and GoMany start no run for a key Hold's f holds; Do does.
+func TestHold(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+	g.Hold(func(k string) bool { return k == "held" })
+	fn := func(context.Context) (int, error) { return 1, nil }
+	if g.Go(context.Background(), "held", time.Minute, fn) {
+		t.Fatal("Go started a run for a held key")
+	}
+	many := func(_ context.Context, keys []string) (map[string]int, error) { return nil, nil }
+	if started := g.GoMany(context.Background(), []string{"held", "free"}, time.Minute, many); strings.Join(started, ",") != "free" {
+		t.Fatalf("GoMany started %v; want [free]", started)
+	}
+	if v, err, _ := g.Do(context.Background(), "held", time.Minute, fn); v != 1 || err != nil {
+		t.Fatalf("Do(held) = %d, %v; want 1 (Hold is for Go and GoMany)", v, err)
+	}
+}
+
+// TestJoin: Join returns at once, with ok false, when no run is in flight,
+// and starts none; otherwise it waits for the run's result.
+func TestJoin(t *testing.T) {
+	g := New[int]()
+	defer g.Close()
+	if _, _, ok := g.Join(context.Background(), "k"); ok {
+		t.Fatal("Join with nothing in flight reported a run")
+	}
+	if n := g.InFlight(); n != 0 {
+		t.Fatalf("Join started something: %d in flight", n)
+	}
+	release := make(chan struct{})
+	g.Go(context.Background(), "k", time.Minute, func(context.Context) (int, error) { <-release; return 7, nil })
+	got := make(chan int)
+	go func() {
+		v, _, ok := g.Join(context.Background(), "k")
+		if !ok {
+			v = -1
+		}
+		got <- v
+	}()
+	waitWaiters(t, g, "k", 1)
+	close(release)
+	if v := <-got; v != 7 {
+		t.Fatalf("Join = %d; want the run's 7", v)
+	}
+}
