@@ -199,9 +199,7 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 		}
 	}
 	if ok {
-		c.waiters++
-		c.run.waiters++
-		g.joined.Add(1)
+		g.joinLocked(c)
 	} else {
 		c = &call[T]{key: key, done: make(chan struct{}), waiters: 1}
 		g.calls[key] = c
@@ -212,13 +210,29 @@ func (g *Group[T]) Do(ctx context.Context, key string, timeout time.Duration, fn
 		})
 	}
 	g.mu.Unlock()
-
-	select {
-	case <-c.done:
+	v, err, done := g.wait(ctx, c)
+	if done {
 		g.mu.Lock()
 		shared = c.waiters > 1
 		g.mu.Unlock()
-		return c.val, c.err, shared
+	}
+	return v, err, shared
+}
+
+// joinLocked adds a caller to c's run; g.mu is held.
+func (g *Group[T]) joinLocked(c *call[T]) {
+	c.waiters++
+	c.run.waiters++
+	g.joined.Add(1)
+}
+
+// wait returns c's result once it is done, or ctx.Err() once ctx is done,
+// leaving c (a run all of whose callers left is cancelled). done reports
+// that c finished before this caller left.
+func (g *Group[T]) wait(ctx context.Context, c *call[T]) (v T, err error, done bool) {
+	select {
+	case <-c.done:
+		return c.val, c.err, true
 	case <-ctx.Done():
 		if finished := g.leave([]*call[T]{c}); finished[c] {
 			return c.val, c.err, false
@@ -242,19 +256,10 @@ func (g *Group[T]) Join(ctx context.Context, key string) (v T, err error, ok boo
 		g.mu.Unlock()
 		return v, nil, false
 	}
-	c.waiters++
-	c.run.waiters++
-	g.joined.Add(1)
+	g.joinLocked(c)
 	g.mu.Unlock()
-	select {
-	case <-c.done:
-		return c.val, c.err, true
-	case <-ctx.Done():
-		if finished := g.leave([]*call[T]{c}); finished[c] {
-			return c.val, c.err, true
-		}
-		return v, ctx.Err(), true
-	}
+	v, err, _ = g.wait(ctx, c)
+	return v, err, true
 }
 
 // DoInline is Do for short runs: when no run for key is in flight and
@@ -431,9 +436,7 @@ func (g *Group[T]) DoMany(ctx context.Context, keys []string, timeout time.Durat
 		}
 		c, ok := g.calls[k]
 		if ok {
-			c.waiters++
-			c.run.waiters++
-			g.joined.Add(1)
+			g.joinLocked(c)
 		} else {
 			c = &call[T]{key: k, done: make(chan struct{}), waiters: 1}
 			g.calls[k] = c
