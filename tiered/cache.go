@@ -130,8 +130,9 @@ type Cache[V any] struct {
 	// afterL2Read, when set by a test, runs between an L2 read and the L1
 	// store of its result: the seam for forcing fill races.
 	afterL2Read func(key string)
-	// beforeDefer, when set by a test, runs as a failed write is about to
-	// put its keys in the outbox.
+	// beforeDefer, when set by a test, runs as a write (failed, or in
+	// memory mode) is about to put its keys in the outbox (nil keys: a
+	// namespace flush).
 	beforeDefer func(keys []string)
 	// beforeReplay, when set by a test, runs as an outbox replay of this
 	// cache starts (after it is admitted).
@@ -836,7 +837,8 @@ func (c *Cache[V]) skipPending(keys []string, snaps []snapshot) ([]string, []sna
 }
 
 // store hands e to ristretto (no TTL: e carries its own expiry) and waits
-// until it is visible.
+// until it is visible. Its callers have an L1 (they return early in
+// ModeRedis).
 //
 // A Set that ristretto drops (its set buffer full) is of a key it did not
 // hold: a present key is replaced in place, never dropped. The entry it
@@ -853,9 +855,7 @@ func (c *Cache[V]) store(h uint64, e *entry[V]) {
 		c.st.l1SetCost.Add(uint64(e.cost))
 		c.l1.Wait()
 	} else {
-		if c.l1 != nil { // ModeRedis fills too, into no L1 and no index
-			c.hot.missed(h)
-		}
+		c.hot.missed(h)
 		c.st.l1Dropped.Add(1)
 	}
 }

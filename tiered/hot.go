@@ -44,8 +44,9 @@ import (
 //     that waited for its refresh) voids the key through the fence instead
 //     (storeLoaded), and one whose store ristretto dropped (its set buffer
 //     full) counts as a miss in the slot (store;
-//     TestMonotonic_DroppedRefreshFillThroughIndex). The index adds no gap of its own to monotonic reads;
-//     how the read paths keep them is described at fill. A miss of another
+//     TestMonotonic_DroppedRefreshFillThroughIndex). The index adds no gap
+//     of its own to monotonic reads; how the read paths keep them is
+//     described at fill. A miss of another
 //     key in the slot costs the slot's
 //     entry its place until its next promotion: a stream of reads of
 //     absent keys, which are never cached, keeps knocking entries out of
