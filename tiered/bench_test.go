@@ -9,6 +9,7 @@ package tiered
 //	BenchmarkL2Hit       tiercache Get without L1 vs go-redis GET + json.Unmarshal
 //	BenchmarkSet         tiercache Set vs go-redis SET (and SET then PUBLISH)
 //	BenchmarkPropagation Set on one instance until another applied it (p50/p99)
+//	                     vs a go-redis PUBLISH until a go-redis subscriber has it
 //	BenchmarkGetMany     100 keys, L1 warm and cold, vs a pipelined GET + decode
 
 import (
@@ -576,10 +577,19 @@ func BenchmarkSet(b *testing.B) {
 // handler stamps the moment), and reports its median and 99th percentile;
 // B may apply it before A's Set has returned. set-p50-µs is the Set's own
 // latency, for comparison. Each iteration waits for both before the next.
+//
+// The bare dependency takes turns with it, one sample each per iteration,
+// the first side alternating: a go-redis PUBLISH of a message of the same
+// size, from a client of its own, until a go-redis PubSub on another client
+// has received it (bare-p50-µs, bare-p99-µs). That hop is the least any
+// invalidation sent over Redis pub/sub through go-redis can take, so
+// p50-ratio = p50 / bare-p50 is what the Bus and the write around it add,
+// and it compares across machines where the absolute µs do not.
 func BenchmarkPropagation(b *testing.B) {
 	ctx := context.Background()
 	ns := namespace(b)
-	a := newBenchProc(b).cache(b, ns, benchOpts)
+	procA := newBenchProc(b)
+	a := procA.cache(b, ns, benchOpts)
 	peer := newBenchProc(b).cache(b, ns, benchOpts)
 	stamps := make(chan time.Time, 1024)
 	peer.mu.Lock()
@@ -589,33 +599,55 @@ func BenchmarkPropagation(b *testing.B) {
 	keys := benchKeys("prop:")
 	timeout := time.NewTimer(time.Hour)
 	defer timeout.Stop()
-	wait := func() time.Time {
+	wait := func(stamps <-chan time.Time, who string) time.Time {
 		timeout.Reset(5 * time.Second)
 		select {
 		case t := <-stamps:
 			return t
 		case <-timeout.C:
-			b.Fatal("peer did not apply the invalidation within 5s")
+			b.Fatalf("%s did not receive the message within 5s", who)
 			return time.Time{}
 		}
 	}
-	for _, k := range keys[:10] { // warm the connections and the path
-		if err := a.Set(ctx, k, v, 0); err != nil {
+
+	msg, err := procA.bus.KeysMessage(ns, keys[:1]) // what a Set publishes
+	if err != nil {
+		b.Fatal(err)
+	}
+	hop := newBareHop(b, ctx, msg)
+	ours := func(key string) (set, prop time.Duration) {
+		start := time.Now()
+		if err := a.Set(ctx, key, v, 0); err != nil {
 			b.Fatal(err)
 		}
-		wait()
+		set = time.Since(start)
+		return set, wait(stamps, "the peer").Sub(start)
+	}
+	bare := func() time.Duration {
+		start := time.Now()
+		if err := hop.pub.Publish(ctx, hop.channel, hop.msg).Err(); err != nil {
+			b.Fatal(err)
+		}
+		return wait(hop.stamps, "the bare subscriber").Sub(start)
+	}
+	for _, k := range keys[:10] { // warm the connections and the paths
+		ours(k)
+		bare()
 	}
 	samples := make([]time.Duration, 0, 1<<14)
 	sets := make([]time.Duration, 0, 1<<14)
+	bares := make([]time.Duration, 0, 1<<14)
 	b.ReportAllocs()
 	j := 0
 	for b.Loop() {
-		start := time.Now()
-		if err := a.Set(ctx, keys[j], v, 0); err != nil {
-			b.Fatal(err)
+		if j%2 == 1 {
+			bares = append(bares, bare())
 		}
-		sets = append(sets, time.Since(start))
-		samples = append(samples, wait().Sub(start))
+		set, prop := ours(keys[j])
+		sets, samples = append(sets, set), append(samples, prop)
+		if j%2 == 0 {
+			bares = append(bares, bare())
+		}
 		if j++; j == len(keys) {
 			j = 0
 		}
@@ -627,6 +659,51 @@ func BenchmarkPropagation(b *testing.B) {
 	b.ReportMetric(q(samples, 0.50), "p50-µs")
 	b.ReportMetric(q(samples, 0.99), "p99-µs")
 	b.ReportMetric(q(sets, 0.50), "set-p50-µs")
+	b.ReportMetric(q(bares, 0.50), "bare-p50-µs")
+	b.ReportMetric(q(bares, 0.99), "bare-p99-µs")
+	b.ReportMetric(q(samples, 0.50)/q(bares, 0.50), "p50-ratio")
+}
+
+// bareHop is BenchmarkPropagation's bare side: a go-redis client that
+// publishes and a go-redis PubSub, on another client, whose receive loop
+// stamps each message's arrival.
+type bareHop struct {
+	pub     *redis.Client
+	channel string
+	msg     []byte
+	stamps  chan time.Time
+}
+
+func newBareHop(b *testing.B, ctx context.Context, msg []byte) *bareHop {
+	b.Helper()
+	h := &bareHop{
+		pub:     srv.Client(b),
+		channel: srv.Prefix() + "bench:bare-hop",
+		msg:     msg,
+		stamps:  make(chan time.Time, 16),
+	}
+	ps := srv.Client(b).Subscribe(ctx, h.channel)
+	if _, err := ps.Receive(ctx); err != nil { // the subscription's confirmation
+		b.Fatalf("bare subscriber: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			m, err := ps.Receive(ctx)
+			if err != nil {
+				return // Close below
+			}
+			if _, ok := m.(*redis.Message); ok {
+				h.stamps <- time.Now()
+			}
+		}
+	}()
+	b.Cleanup(func() {
+		_ = ps.Close()
+		<-done
+	})
+	return h
 }
 
 // BenchmarkGetMany reads 100 keys of 1 KiB: all in L1 (warm), none valid in
