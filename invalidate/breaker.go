@@ -81,12 +81,13 @@ func (b *Bus) trip(cause error) {
 // answer in time: network errors, timeouts, a closed pool, and the server
 // replies that mean "not now" (LOADING, BUSY, MASTERDOWN, CLUSTERDOWN,
 // TRYAGAIN, READONLY). A redis.Nil, a context cancellation and ordinary
-// error replies (WRONGTYPE, NOSCRIPT, NOPERM) are not: Redis answered.
+// error replies (WRONGTYPE, NOSCRIPT, NOPERM) are not: Redis answered. Nor
+// is ErrMalformed: a message that could not be encoded never reached Redis.
 func Unavailable(err error) bool {
 	switch {
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, context.Canceled):
 		return false
-	case errors.Is(err, ErrCircuitOpen):
+	case errors.Is(err, ErrCircuitOpen), errors.Is(err, ErrMalformed):
 		return false // refused here; Redis was not asked
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, redis.ErrClosed),
 		errors.Is(err, redis.ErrPoolTimeout), errors.Is(err, syscall.ECONNREFUSED),

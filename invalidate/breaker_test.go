@@ -29,6 +29,7 @@ func TestUnavailable(t *testing.T) {
 		{fmt.Errorf("get: %w", redis.Nil), false},
 		{context.Canceled, false},
 		{fmt.Errorf("tiered: %w", ErrCircuitOpen), false},
+		{fmt.Errorf("tiered: %w", ErrMalformed), false},
 		{redis.ErrClosed, true},
 		{redis.ErrPoolTimeout, true},
 		{context.DeadlineExceeded, true},
