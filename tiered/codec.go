@@ -3,6 +3,7 @@ package tiered
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -99,9 +100,102 @@ func (jsonCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(dat
 
 type msgpackCodec struct{}
 
-func (msgpackCodec) ID() byte                           { return codecMsgpack }
-func (msgpackCodec) Marshal(v any) ([]byte, error)      { return msgpack.Marshal(v) }
-func (msgpackCodec) Unmarshal(data []byte, v any) error { return msgpack.Unmarshal(data, v) }
+func (msgpackCodec) ID() byte                      { return codecMsgpack }
+func (msgpackCodec) Marshal(v any) ([]byte, error) { return msgpack.Marshal(v) }
+
+// Unmarshal refuses data whose headers declare more than data holds (see
+// msgpackCheck) before msgpack.Unmarshal sees it.
+func (msgpackCodec) Unmarshal(data []byte, v any) error {
+	if err := msgpackCheck(data); err != nil {
+		return err
+	}
+	return msgpack.Unmarshal(data, v)
+}
+
+// msgpackCheck walks data as a sequence of MessagePack values (one, unless
+// a CustomEncoder wrote several) without decoding them, and refuses it if a
+// length or count that a header declares runs past the end of data, or if
+// it holds the never-used code 0xc1. msgpack.Unmarshal allocates what a
+// header declares before it reads the bytes behind it (v5.4.1 grows a slice
+// to an array's full count at once: its allocation limit's check is
+// inverted), so 5 corrupt bytes in Redis declaring an array of 2^32
+// elements cost gigabytes, or the process, before the decode failed. Each
+// value takes at least one byte, so what passes declares no more elements
+// than data has bytes.
+func msgpackCheck(data []byte) error {
+	var pending uint64 // values still to read in the current top-level value
+	off := 0
+	// length reads a w-byte big-endian length after the code.
+	length := func(w int) (uint64, error) {
+		if len(data)-off < w {
+			return 0, errors.New("tiered: msgpack: truncated length")
+		}
+		var n uint64
+		for _, b := range data[off : off+w] {
+			n = n<<8 | uint64(b)
+		}
+		off += w
+		return n, nil
+	}
+	for off < len(data) {
+		if pending == 0 {
+			pending = 1
+		}
+		pending--
+		c := data[off]
+		off++
+		var skip, items uint64 // bytes that follow the header; values it contains
+		var err error
+		switch {
+		case c <= 0x7f || c >= 0xe0: // fixint
+		case c <= 0x8f: // fixmap
+			items = 2 * uint64(c&0x0f)
+		case c <= 0x9f: // fixarray
+			items = uint64(c & 0x0f)
+		case c <= 0xbf: // fixstr
+			skip = uint64(c & 0x1f)
+		case c == 0xc0, c == 0xc2, c == 0xc3: // nil, false, true
+		case c == 0xc1:
+			return errors.New("tiered: msgpack: never-used code 0xc1")
+		case c == 0xc4, c == 0xd9: // bin 8, str 8
+			skip, err = length(1)
+		case c == 0xc5, c == 0xda: // bin 16, str 16
+			skip, err = length(2)
+		case c == 0xc6, c == 0xdb: // bin 32, str 32
+			skip, err = length(4)
+		case c == 0xc7, c == 0xc8, c == 0xc9: // ext 8, 16, 32: length, then a type byte
+			skip, err = length(1 << (c - 0xc7))
+			skip++
+		case c == 0xca, c == 0xce, c == 0xd2: // float 32, uint 32, int 32
+			skip = 4
+		case c == 0xcb, c == 0xcf, c == 0xd3: // float 64, uint 64, int 64
+			skip = 8
+		case c == 0xcc, c == 0xd0: // uint 8, int 8
+			skip = 1
+		case c == 0xcd, c == 0xd1: // uint 16, int 16
+			skip = 2
+		case c >= 0xd4 && c <= 0xd8: // fixext 1, 2, 4, 8, 16: a type byte, then the data
+			skip = 1 + 1<<(c-0xd4)
+		case c == 0xdc, c == 0xdd: // array 16, 32
+			items, err = length(2 << (c - 0xdc))
+		case c == 0xde, c == 0xdf: // map 16, 32
+			items, err = length(2 << (c - 0xde))
+			items *= 2
+		}
+		if err != nil {
+			return err
+		}
+		left := uint64(len(data) - off)
+		if skip > left {
+			return fmt.Errorf("tiered: msgpack: %d bytes declared, %d left", skip, left)
+		}
+		off += int(skip)
+		if pending += items; pending > left-skip {
+			return fmt.Errorf("tiered: msgpack: %d values declared, %d bytes left", pending, left-skip)
+		}
+	}
+	return nil
+}
 
 func encode[V any](c Codec, v V) ([]byte, error) {
 	b, err := c.Marshal(v)
