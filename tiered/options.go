@@ -318,8 +318,8 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	if o.TTL < 0 {
 		errs = append(errs, fmt.Errorf("tiered: TTL %v is negative", o.TTL))
 	}
-	if o.TTLJitter > 0.5 {
-		errs = append(errs, fmt.Errorf("tiered: TTLJitter %v exceeds 0.5", o.TTLJitter))
+	if !(o.TTLJitter <= 0.5) { // NaN too: every jittered TTL would be garbage
+		errs = append(errs, fmt.Errorf("tiered: TTLJitter %v is not at most 0.5", o.TTLJitter))
 	}
 	if o.L1MaxCost < 0 || o.MaxKeyLen < 0 || o.MaxValueSize < 0 || o.TombstoneTTL < 0 {
 		errs = append(errs, errors.New("tiered: negative size or duration in Options"))
@@ -330,7 +330,7 @@ func (o Options) withDefaults(bus *invalidate.Bus) (Options, error) {
 	if o.FreshFor < 0 || (o.FreshFor > 0 && o.FreshFor >= o.TTL) {
 		errs = append(errs, fmt.Errorf("tiered: FreshFor %v must be shorter than TTL %v (the difference is the stale window)", o.FreshFor, o.TTL))
 	}
-	if o.EagerRefresh < 0 || o.EagerRefresh >= 1 || (o.EagerRefresh > 0 && o.FreshFor == 0) {
+	if !(o.EagerRefresh >= 0 && o.EagerRefresh < 1) || (o.EagerRefresh > 0 && o.FreshFor == 0) { // NaN too
 		errs = append(errs, fmt.Errorf("tiered: EagerRefresh %v must be in [0, 1) and needs FreshFor", o.EagerRefresh))
 	}
 	if o.SoftTimeout < 0 || o.RetryThrottle < 0 {
