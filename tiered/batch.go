@@ -44,13 +44,19 @@ func keyWireLen(key string) int {
 }
 
 // oneBatch reports whether keys fit one transaction as they are: at most
-// batchLimit keys whose invalidation fits one message.
+// batchLimit keys whose invalidation fits one message. A key longer than a
+// message may carry (invalidate.MaxKeyLen) fits none: only DeletePattern
+// meets one, matched in Redis (in plain-JSON mode the Node.js side's keys
+// have no limit), and it flushes the namespace instead.
 func oneBatch(keys []string) bool {
 	if len(keys) > batchLimit {
 		return false
 	}
 	n := 0
 	for _, k := range keys {
+		if len(k) > invalidate.MaxKeyLen {
+			return false
+		}
 		n += keyWireLen(k)
 	}
 	return n <= batchKeyBytes

@@ -115,8 +115,9 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 // DeletePattern deletes every key of the namespace matching the Redis glob
 // pattern (SCAN MATCH, never KEYS; UNLINK in batches, on every master of a
 // cluster) and invalidates them in every instance's L1 with one message, or
-// a namespace-wide L1 flush when more than 1,000 keys matched or their
-// names would make that message pass invalidate.MaxMessageSize. The pattern
+// a namespace-wide L1 flush when more than 1,000 keys matched, their names
+// would make that message pass invalidate.MaxMessageSize, or one is longer
+// than invalidate.MaxKeyLen (in plain-JSON mode, a Node.js key). The pattern
 // applies to user keys only (the namespace, prefix and schema are matched
 // literally); one ending in '\' or with a '[' but no ']' is refused with
 // ErrInvalidKey. It returns how many keys it deleted, tombstones and cached

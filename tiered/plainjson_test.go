@@ -184,3 +184,43 @@ func TestPlainJSON_AbsenceStaysOutOfRedis(t *testing.T) {
 		absent(t, in.c, in.rdb, "m")
 	})
 }
+
+// TestPlainJSON_DeletePatternMatchesOverlongKey: a key under the prefix
+// longer than an invalidation message can carry (invalidate.MaxKeyLen; the
+// Node.js side's keys have no limit) makes DeletePattern invalidate with a
+// namespace flush, as it does for too many keys. Before, the keys message
+// was refused as malformed after the keys were deleted: DeletePattern
+// returned an error, no instance heard of the delete, and the outbox kept a
+// namespace flush, whose replay in this mode deletes every key under the
+// prefix.
+func TestPlainJSON_DeletePatternMatchesOverlongKey(t *testing.T) {
+	prefix := shared.Prefix() + "plain-overlong:"
+	f := newFleet[string](t, shared, 2, Options{PlainJSON: true, KeyPrefix: prefix})
+	a, b := f[0].c, f[1].c
+	rdb := f[0].rdb
+	ctx := ctxT(t)
+	long := "long:" + strings.Repeat("k", 5000)
+	for k, v := range map[string]string{long: `"node"`, "long:short": `"s"`, "other": `"keep"`} {
+		if err := rdb.Set(ctx, prefix+k, v, time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { rdb.Del(context.Background(), prefix+k) })
+	}
+	if v, ok, err := b.Get(ctx, "long:short"); !ok || err != nil {
+		t.Fatalf("B: Get(long:short) = %q, %v, %v", v, ok, err)
+	}
+	bApplied := applied(b)
+	if n, err := a.DeletePattern(ctx, "long:*"); n != 2 || err != nil {
+		t.Fatalf("DeletePattern(long:*) = %d, %v; want 2, nil", n, err)
+	}
+	if n := a.bus.OutboxDepth(); n != 0 {
+		t.Errorf("outbox depth after DeletePattern = %d, want 0 (a pending flush deletes the whole prefix)", n)
+	}
+	await(t, bApplied, "B applying DeletePattern's invalidation")
+	if v, ok, err := b.Get(ctx, "long:short"); ok || err != nil {
+		t.Errorf("B after DeletePattern: Get(long:short) = %q, %v, %v; want a miss", v, ok, err)
+	}
+	if v, _ := rdb.Get(ctx, prefix+"other").Result(); v != `"keep"` {
+		t.Errorf("other key = %q after DeletePattern(long:*); want it kept", v)
+	}
+}
