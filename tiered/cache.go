@@ -883,9 +883,9 @@ func (c *Cache[V]) Delete(ctx context.Context, key string) error {
 // Exists reports whether key holds a value, without decoding it: after L1,
 // it reads the value's envelope header alone from Redis (one GETRANGE).
 // What Get reads as a miss for its header (a tombstone, another codec's
-// value, a newer envelope version's) does not exist; a payload that turns
-// out corrupt or over MaxValueSize when Get decodes it does. In plain-JSON
-// mode any bytes under the key exist.
+// value, a newer envelope version's, a corrupt header) does not exist; a
+// payload that turns out corrupt or over MaxValueSize when Get decodes it
+// does. In plain-JSON mode any bytes under the key exist.
 func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if err := c.checkKey(key); err != nil {
 		return false, err
@@ -928,10 +928,16 @@ func (c *Cache[V]) Exists(ctx context.Context, key string) (_ bool, err error) {
 	if c.opts.PlainJSON {
 		return len(head) > 0, nil
 	}
-	// What Get reads as a value: an envelope of this version and codec,
-	// neither tombstone nor negative entry, with no unknown flag.
-	return len(head) == wire.HeaderSize && wire.IsEnvelope(head) && head[1] == wire.Version &&
-		head[2] == c.opts.Codec.ID() && head[3]&^byte(wire.FlagCompressed) == 0, nil
+	// What Get reads as a value: a header the envelope's reader accepts
+	// (checked without the payload, which is not here to decompress), of
+	// this codec, neither tombstone nor negative entry.
+	if len(head) != wire.HeaderSize {
+		return false, nil
+	}
+	h := [wire.HeaderSize]byte(head)
+	h[3] &^= byte(wire.FlagCompressed)
+	env, derr := wire.DecodeEnvelope(h[:], 0)
+	return derr == nil && env.Flags == 0 && env.Codec == c.opts.Codec.ID(), nil
 }
 
 // invalidateLocal voids key in this process: bump its stripe (every entry

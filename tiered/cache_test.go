@@ -565,7 +565,8 @@ func TestNew_MemoryWithoutL1Refused(t *testing.T) {
 // from the envelope header alone. Before, it checked only the magic byte
 // and the tombstone and negative flags, and said true for bytes Get reads
 // as a miss: another codec's value, a newer envelope version's, an unknown
-// flag.
+// flag; and after that, for a header Get reads as corrupt (write ID 0, a
+// negative fresh-until), which it did not check at all.
 func TestExists_AgreesWithGet(t *testing.T) {
 	f := newFleet[string](t, shared, 1, Options{Mode: ModeRedis, CompressAbove: 8})
 	c, rdb := f[0].c, f[0].rdb
@@ -595,6 +596,8 @@ func TestExists_AgreesWithGet(t *testing.T) {
 		{"a newer envelope version", with(1, wire.Version+1)},
 		{"an unknown flag", with(3, valid[3]|0x80)},
 		{"a tombstone", tombstone()},
+		{"write ID 0", append(append(bytes.Clone(valid[:4]), make([]byte, 8)...), valid[12:]...)},
+		{"a negative fresh-until", with(12, 0x80)},
 	}
 	for i, tc := range cases {
 		k := fmt.Sprint("k", i)
