@@ -112,18 +112,26 @@ func (msgpackCodec) Unmarshal(data []byte, v any) error {
 	return msgpack.Unmarshal(data, v)
 }
 
+// msgpackMaxDepth is how deeply msgpackCheck lets arrays and maps nest, as
+// encoding/json does: msgpack.Unmarshal recurses once per level, and a
+// megabyte of one-element arrays would otherwise take as many frames.
+const msgpackMaxDepth = 10000
+
 // msgpackCheck walks data as a sequence of MessagePack values (one, unless
 // a CustomEncoder wrote several) without decoding them, and refuses it if a
-// length or count that a header declares runs past the end of data, or if
-// it holds the never-used code 0xc1. msgpack.Unmarshal allocates what a
-// header declares before it reads the bytes behind it (v5.4.1 grows a slice
-// to an array's full count at once: its allocation limit's check is
-// inverted), so 5 corrupt bytes in Redis declaring an array of 2^32
-// elements cost gigabytes, or the process, before the decode failed. Each
-// value takes at least one byte, so what passes declares no more elements
-// than data has bytes.
+// length or count that a header declares runs past the end of data, if
+// arrays and maps nest deeper than msgpackMaxDepth, or if it holds the
+// never-used code 0xc1. msgpack.Unmarshal allocates what a header declares
+// before it reads the bytes behind it (v5.4.1 grows a slice to an array's
+// full count at once: its allocation limit's check is inverted), so 5
+// corrupt bytes in Redis declaring an array of 2^32 elements cost
+// gigabytes, or the process, before the decode failed. Each value takes at
+// least one byte, so what passes declares no more elements than data has
+// bytes.
 func msgpackCheck(data []byte) error {
-	var pending uint64 // values still to read in the current top-level value
+	var buf [16]uint64
+	open := buf[:0]    // values still to read in each open array or map, innermost last
+	var pending uint64 // their sum
 	off := 0
 	// length reads a w-byte big-endian length after the code.
 	length := func(w int) (uint64, error) {
@@ -138,10 +146,10 @@ func msgpackCheck(data []byte) error {
 		return n, nil
 	}
 	for off < len(data) {
-		if pending == 0 {
-			pending = 1
+		if len(open) > 0 { // else a top-level value
+			open[len(open)-1]--
+			pending--
 		}
-		pending--
 		c := data[off]
 		off++
 		var skip, items uint64 // bytes that follow the header; values it contains
@@ -190,8 +198,17 @@ func msgpackCheck(data []byte) error {
 			return fmt.Errorf("tiered: msgpack: %d bytes declared, %d left", skip, left)
 		}
 		off += int(skip)
-		if pending += items; pending > left-skip {
-			return fmt.Errorf("tiered: msgpack: %d values declared, %d bytes left", pending, left-skip)
+		if items > 0 {
+			if len(open) == msgpackMaxDepth {
+				return fmt.Errorf("tiered: msgpack: arrays and maps nested deeper than %d", msgpackMaxDepth)
+			}
+			open = append(open, items)
+			if pending += items; pending > left-skip {
+				return fmt.Errorf("tiered: msgpack: %d values declared, %d bytes left", pending, left-skip)
+			}
+		}
+		for len(open) > 0 && open[len(open)-1] == 0 {
+			open = open[:len(open)-1]
 		}
 	}
 	return nil

@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"bytes"
 	"fmt"
 	"runtime"
 	"testing"
@@ -52,6 +53,35 @@ func TestMsgpack_DeclaredLengthsBounded(t *testing.T) {
 	var out map[string][]int64
 	if err := Msgpack.Unmarshal(b, &out); err != nil || fmt.Sprint(out) != fmt.Sprint(in) {
 		t.Fatalf("Unmarshal(Marshal(%v)) = %v, %v", in, out, err)
+	}
+}
+
+// TestMsgpack_DepthBounded: msgpack.Unmarshal recurses once per nesting
+// level, so bytes nesting one-element arrays a megabyte deep would take a
+// million frames (and with a larger MaxValueSize, the goroutine's stack
+// limit, which kills the process). Past msgpackMaxDepth they are refused.
+func TestMsgpack_DepthBounded(t *testing.T) {
+	nested := func(depth int) []byte {
+		b := bytes.Repeat([]byte{0x91}, depth) // fixarray of one element
+		return append(b, 0x01)
+	}
+	var v any
+	if err := Msgpack.Unmarshal(nested(msgpackMaxDepth), &v); err != nil {
+		t.Fatalf("%d levels: %v; want them decoded", msgpackMaxDepth, err)
+	}
+	for _, depth := range []int{msgpackMaxDepth + 1, 1 << 20} {
+		var v any
+		if err := Msgpack.Unmarshal(nested(depth), &v); err == nil {
+			t.Errorf("%d levels decoded; want them refused", depth)
+		}
+	}
+	// Depth is per value: siblings do not add up.
+	wide := []byte{0x92}
+	wide = append(wide, nested(msgpackMaxDepth-1)...)
+	wide = append(wide, nested(msgpackMaxDepth-1)...)
+	var w any
+	if err := Msgpack.Unmarshal(wide, &w); err != nil {
+		t.Errorf("two siblings %d deep: %v; want them decoded", msgpackMaxDepth, err)
 	}
 }
 
