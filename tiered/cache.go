@@ -97,8 +97,9 @@ type Cache[V any] struct {
 	nsEpoch atomic.Uint64   // bumped by Clear and received flushes
 	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key); written under genMu
 	genMu   sync.Mutex      // orders the writes of nsGen (see resync)
-	// genKnown: nsGen has been read from Redis or set by a flush or Clear.
-	// Until then (New could not read it) each call reads it (generation).
+	// genKnown: nsGen has been read from Redis (flushes and Clears only
+	// advance a known one). Until then (New could not read it) each call
+	// reads it (generation).
 	genKnown atomic.Bool
 	base     string // <prefix><name>:<schema>:
 	genKey   string
@@ -719,12 +720,16 @@ func (c *Cache[V]) resync(ctx context.Context) error {
 // or past it. Generations only grow (INCR), and a flush can carry an old
 // one: DeletePattern's reads the generation at its start, and a Clear can
 // run before it publishes.
+//
+// An unknown generation stays unknown, and the next call reads it from
+// Redis (generation): g may be retired already, and with nothing to
+// compare it to, adopting it left a live instance on it, serving what a
+// Clear it never heard of had removed (TestGeneration_UnknownIgnoresStaleFlush).
 func (c *Cache[V]) advanceGen(g uint64) {
 	c.genMu.Lock()
-	if g > c.nsGen.Load() || !c.genKnown.Load() {
+	if c.genKnown.Load() && g > c.nsGen.Load() {
 		c.nsGen.Store(g)
 	}
-	c.genKnown.Store(true) // a flush or Clear carries the newest one
 	c.genMu.Unlock()
 }
 

@@ -293,3 +293,69 @@ func TestNew_RedisDownAtStart(t *testing.T) {
 	}
 	mustGet(t, b.c, "n", "from-a", "B after A's Set")
 }
+
+// TestGeneration_UnknownIgnoresStaleFlush: a cache that could not read the
+// namespace generation at New (its client could not reach Redis) while its
+// Bus is live takes the generation from Redis on its next call, not from a
+// flush it hears first. A large DeletePattern's flush carries the
+// generation it read when it started, which a Clear may have retired since;
+// before, the cache adopted it as known and stayed, live, on the retired
+// generation: it served what the Clear removed and wrote where no other
+// instance reads.
+func TestGeneration_UnknownIgnoresStaleFlush(t *testing.T) {
+	ns := namespace(t)
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	c := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	if err := b.c.Set(ctx, "old", "before-clear", 0); err != nil {
+		t.Fatal(err)
+	}
+	items := make(map[string]string, batchLimit+1)
+	for i := range batchLimit + 1 {
+		items[fmt.Sprintf("p%04d", i)] = "x"
+	}
+	if err := b.c.SetMany(ctx, items, 0); err != nil {
+		t.Fatal(err)
+	}
+	// B's DeletePattern reads generation 0, then waits at its first SCAN
+	// while C's Clear moves the namespace to 1.
+	scanning, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	b.rdb.AddHook(commandHook{on: func(_ context.Context, cmd redis.Cmder) {
+		if cmd.Name() == "scan" {
+			once.Do(func() { close(scanning); <-release })
+		}
+	}})
+	done := make(chan error, 1)
+	go func() { _, err := b.c.DeletePattern(ctx, "p*"); done <- err }()
+	await(t, scanning, "B's DeletePattern scanning")
+	if err := c.c.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A starts now: its Bus is live, its cache's client cannot reach Redis.
+	rdb, p := proxyClient(t, srv)
+	p.Refuse(true)
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
+	a, err := New[string](ns, rdb, bus, Options{KeyPrefix: srv.Prefix()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	if a.genKnown.Load() {
+		t.Fatal("A read the generation through a refusing proxy")
+	}
+	got := applied(a)
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("DeletePattern: %v", err)
+	}
+	await(t, got, "B's DeletePattern flush (generation 0) on A")
+	p.Refuse(false)
+	if v, ok, err := a.Get(ctx, "old"); ok || err != nil {
+		t.Errorf("A after Clear returned: Get(old) = %q, %v, %v; want a miss (its generation %d, Redis's 1)", v, ok, err, a.nsGen.Load())
+	}
+	if err := a.Set(ctx, "n", "from-a", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "n", "from-a", "B after A's Set")
+}
