@@ -98,8 +98,8 @@ type Cache[V any] struct {
 	nsGen   atomic.Uint64   // the namespace's L2 generation (part of every key); written under genMu
 	genMu   sync.Mutex      // orders the writes of nsGen (see resync)
 	// genKnown: nsGen has been read from Redis (flushes and Clears only
-	// advance a known one). Until then (New could not read it) each call
-	// reads it (generation).
+	// advance a known one). Until then (New could not read it, or a Clear
+	// failed: forgetGen) each call reads it (generation).
 	genKnown atomic.Bool
 	base     string // <prefix><name>:<schema>:
 	genKey   string
@@ -730,6 +730,14 @@ func (c *Cache[V]) advanceGen(g uint64) {
 	if c.genKnown.Load() && g > c.nsGen.Load() {
 		c.nsGen.Store(g)
 	}
+	c.genMu.Unlock()
+}
+
+// forgetGen makes the cached generation unknown, for the next call to read
+// it from Redis: a Clear whose outcome is unknown may have moved it.
+func (c *Cache[V]) forgetGen() {
+	c.genMu.Lock()
+	c.genKnown.Store(false)
 	c.genMu.Unlock()
 }
 

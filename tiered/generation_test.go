@@ -359,3 +359,62 @@ func TestGeneration_UnknownIgnoresStaleFlush(t *testing.T) {
 	}
 	mustGet(t, b.c, "n", "from-a", "B after A's Set")
 }
+
+// lostReply fails, once armed, the next script a client runs after Redis
+// has run it, as a reply lost to a deadline would.
+type lostReply struct{ armed *atomic.Bool }
+
+func (lostReply) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h lostReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if n := cmd.Name(); err == nil && (n == "evalsha" || n == "eval") && h.armed.CompareAndSwap(true, false) {
+			cmd.SetErr(context.DeadlineExceeded)
+			return context.DeadlineExceeded
+		}
+		return err
+	}
+}
+func (lostReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// TestClear_LostReplyRereadsGeneration: a Clear whose reply is lost may
+// have moved the generation all the same, and this process's Bus skips its
+// own flush. Its later writes must use the generation Redis has: before,
+// they kept the old one until the outbox's replay of the Clear, so a
+// Delete that returned on A left B serving the value B had written after
+// the Clear.
+func TestClear_LostReplyRereadsGeneration(t *testing.T) {
+	ns := namespace(t)
+	rdb := srv.Client(t)
+	armed := new(atomic.Bool)
+	rdb.AddHook(lostReply{armed})
+	a := newInstance[string](t, srv, ns, rdb, Options{}, invalidate.Options{})
+	b := direct[string](t, srv, ns, Options{}, invalidate.Options{})
+	ctx := ctxT(t)
+	// The replay of the failed Clear waits for the end of the test.
+	release := make(chan struct{})
+	a.c.mu.Lock()
+	a.c.beforeReplay = func() { <-release }
+	a.c.mu.Unlock()
+	t.Cleanup(func() { close(release) })
+	got := applied(b.c)
+	armed.Store(true)
+	if err := a.c.Clear(ctx); err == nil {
+		t.Fatal("Clear with its reply lost returned nil")
+	}
+	await(t, got, "A's flush on B")
+	if err := b.c.Set(ctx, "k", "after-clear", 0); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, b.c, "k", "after-clear", "B after its Set")
+	if err := a.c.Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "A's Delete on B")
+	if v, ok, err := b.c.Get(ctx, "k"); ok || err != nil {
+		t.Errorf("B after A's Delete returned: Get(k) = %q, %v, %v; want a miss (A's generation %d, Redis's %s)",
+			v, ok, err, a.c.nsGen.Load(), srv.Client(t).Get(ctx, a.c.genKey).Val())
+	}
+}
