@@ -21,6 +21,12 @@ import (
 // sharded Bus, whose hash tag the generation key carries. Both return the
 // new generation and how many subscribers the node counted for the
 // message (see clearRedis).
+//
+// The new generation is at least ARGV[3], one past the caller's: Redis
+// can lose the generation key alone (an allkeys-* maxmemory policy evicts
+// it, idle and without a TTL), and INCR would then start again below the
+// generation the instances still use, which they keep (advanceGen): the
+// Clear would clear nothing (TestClear_AfterGenerationKeyLost).
 var (
 	clearScript        = newClearScript("PUBLISH")
 	clearScriptSharded = newClearScript("SPUBLISH")
@@ -29,6 +35,10 @@ var (
 func newClearScript(publish string) *redis.Script {
 	return redis.NewScript(`
 local g = redis.call('INCR', KEYS[1])
+if g < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  g = tonumber(ARGV[3])
+end
 local n = g
 local s = ''
 while n >= 128 do
@@ -91,7 +101,11 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	if c.tags != nil {
 		script = clearScriptSharded // the generation key shares shard 0's slot
 	}
-	res, err := script.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix).Int64Slice()
+	var floor uint64 // see clearScript
+	if c.genKnown.Load() {
+		floor = c.nsGen.Load() + 1
+	}
+	res, err := script.Run(ctx, c.rdb, []string{c.genKey}, c.bus.Channel(), prefix, floor).Int64Slice()
 	if err == nil && len(res) != 2 {
 		err = fmt.Errorf("script answered %d values, want 2", len(res))
 	}

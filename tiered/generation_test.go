@@ -418,3 +418,39 @@ func TestClear_LostReplyRereadsGeneration(t *testing.T) {
 			v, ok, err, a.c.nsGen.Load(), srv.Client(t).Get(ctx, a.c.genKey).Val())
 	}
 }
+
+// TestClear_AfterGenerationKeyLost: Redis can lose the generation key
+// alone (an allkeys-* maxmemory policy evicts it: it has no TTL and is
+// rarely read), while the instances keep using the generation they hold.
+// A Clear must still move every one of them to a generation no key was
+// written under: before, its INCR started again from 1, below theirs,
+// advanceGen kept theirs, and the Clear returned having cleared nothing.
+func TestClear_AfterGenerationKeyLost(t *testing.T) {
+	fleet := newFleet[string](t, shared, 2, Options{})
+	a, b := fleet[0], fleet[1]
+	ctx := ctxT(t)
+	got := applied(b.c)
+	for range 2 {
+		if err := a.c.Clear(ctx); err != nil {
+			t.Fatal(err)
+		}
+		await(t, got, "A's flush on B")
+	}
+	if err := a.c.Set(ctx, "k", "before-clear", 0); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "A's Set on B")
+	mustGet(t, b.c, "k", "before-clear", "B before the Clear")
+	if err := a.rdb.Del(ctx, a.c.genKey).Err(); err != nil { // evicted
+		t.Fatal(err)
+	}
+	if err := a.c.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	await(t, got, "A's flush on B")
+	for name, in := range map[string]*instance[string]{"A": a, "B": b} {
+		if v, ok, err := in.c.Get(ctx, "k"); ok || err != nil {
+			t.Errorf("%s after Clear returned: Get(k) = %q, %v, %v; want a miss (its generation %d)", name, v, ok, err, in.c.nsGen.Load())
+		}
+	}
+}
