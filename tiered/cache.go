@@ -185,8 +185,10 @@ type readResult[V any] struct {
 
 // New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').
 // rdb and bus are required in ModeTiered and ModeRedis and may be nil in
-// ModeMemory. Many caches may share one client and one Bus; the Cache does
-// not close either. Call Close when done.
+// ModeMemory. rdb is a *redis.Client or a *redis.ClusterClient (a Ring is
+// refused: ErrUnsupportedClient) that honours context deadlines
+// (ErrContextTimeouts). Many caches may share one client and one Bus; the
+// Cache does not close either. Call Close when done.
 //
 // New does not need Redis to answer: when it cannot read the namespace's
 // generation (Redis down at start), the cache starts anyway, reads the

@@ -17,6 +17,15 @@ import (
 // the field.
 var ErrContextTimeouts = errors.New("tiered: the Redis client must set ContextTimeoutEnabled: true so deadlines are honoured")
 
+// ErrUnsupportedClient is returned by New for a *redis.Ring. A Ring splits a
+// transaction by shard, so a write and the PUBLISH of its invalidation
+// would go to different servers as separate steps and could half-happen; a
+// Clear's flush would be published on the generation key's shard, where the
+// Bus may not listen; and DeletePattern's SCAN would see one shard. Use a
+// Client (one server, or Sentinel through NewFailoverClient) or a
+// ClusterClient.
+var ErrUnsupportedClient = errors.New("tiered: a redis.Ring cannot keep a write and its invalidation atomic: use a Client or a ClusterClient")
+
 // RedisOptions parses a redis:// or rediss:// URL (user, password, database
 // and TLS included; see redis.ParseURL) and applies the settings a cache
 // needs on top: context deadlines honoured, short pool waits, no command
@@ -40,8 +49,9 @@ func RedisOptions(url string, connectTimeout time.Duration) (*redis.Options, err
 	return o, nil
 }
 
-// checkClient rejects a client that would ignore deadlines (see
-// ErrContextTimeouts). Clients whose options cannot be read are trusted.
+// checkClient rejects a Ring (see ErrUnsupportedClient) and a client that
+// would ignore deadlines (see ErrContextTimeouts). Clients whose options
+// cannot be read are trusted.
 func checkClient(rdb redis.UniversalClient) error {
 	var ok bool
 	switch c := rdb.(type) {
@@ -50,7 +60,7 @@ func checkClient(rdb redis.UniversalClient) error {
 	case *redis.ClusterClient:
 		ok = c.Options().ContextTimeoutEnabled
 	case *redis.Ring:
-		ok = c.Options().ContextTimeoutEnabled
+		return ErrUnsupportedClient
 	default:
 		ok = true
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strconv"
@@ -506,6 +507,62 @@ func TestNewRejectsClientWithoutContextTimeouts(t *testing.T) {
 	if _, err := New[string](namespace(t), rdb, bus, Options{}); !errors.Is(err, ErrContextTimeouts) {
 		t.Fatalf("New with ContextTimeoutEnabled false: %v, want ErrContextTimeouts", err)
 	}
+}
+
+// TestNewRejectsRing: a Ring runs a transaction as one per shard, so a
+// write and its PUBLISH would not be atomic (guarantee 5). Shown first on a
+// real two-shard Ring: the transaction a Set would send lands its SET on
+// one server and its PUBLISH on the other.
+func TestNewRejectsRing(t *testing.T) {
+	a, b := redistest.Start(t), redistest.Start(t)
+	ring := redis.NewRing(&redis.RingOptions{
+		Addrs:                 map[string]string{"a": a.Addr(), "b": b.Addr()},
+		NewClient:             func(o *redis.Options) *redis.Client { return redis.NewClient(shardOptions(a, b, o.Addr)) },
+		ContextTimeoutEnabled: true,
+	})
+	defer ring.Close()
+	ctx := ctxT(t)
+	const channel = "ring:ch"
+	chShard, err := ring.GetShardClientForKey(channel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := ""
+	for i := 0; key == ""; i++ {
+		k := fmt.Sprintf("ring:k%d", i)
+		if s, err := ring.GetShardClientForKey(k); err == nil && s.Options().Addr != chShard.Options().Addr {
+			key = k
+		}
+	}
+	sub := chShard.Subscribe(ctx, channel)
+	defer sub.Close()
+	if _, err := sub.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var heard *redis.IntCmd
+	if _, err := ring.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, key, "v", time.Minute)
+		heard = p.Publish(ctx, channel, "k")
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := chShard.Exists(ctx, key).Result(); err != nil || n != 0 || heard.Val() != 1 {
+		t.Fatalf("the SET went with the PUBLISH (exists %d, %v; %d heard): the Ring kept them together", n, err, heard.Val())
+	}
+
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{})
+	if _, err := New[string](namespace(t), ring, bus, Options{}); !errors.Is(err, ErrUnsupportedClient) {
+		t.Fatalf("New with a Ring: %v, want ErrUnsupportedClient", err)
+	}
+}
+
+// shardOptions returns the options of whichever of a and b listens on addr.
+func shardOptions(a, b *redistest.Server, addr string) *redis.Options {
+	if a.Addr() == addr {
+		return a.Options()
+	}
+	return b.Options()
 }
 
 func TestRedisOptions(t *testing.T) {
