@@ -26,6 +26,15 @@ var ErrContextTimeouts = errors.New("tiered: the Redis client must set ContextTi
 // ClusterClient.
 var ErrUnsupportedClient = errors.New("tiered: a redis.Ring cannot keep a write and its invalidation atomic: use a Client or a ClusterClient")
 
+// ErrReplicaReads is returned by New for a ClusterClient that sends reads
+// to replicas: ReadOnly, which RouteByLatency and RouteRandomly set. A
+// replica applies a write some time after its master has run it and
+// published its invalidation, so a read that follows the invalidation
+// could fetch the value the write replaced from a replica, and keep it in
+// L1, under a fence snapshot taken after the invalidation, until L1TTL.
+// Build the client without those options.
+var ErrReplicaReads = errors.New("tiered: a ClusterClient that reads from replicas (ReadOnly, RouteByLatency, RouteRandomly) could refill L1 with a value a write replaced: read from the masters")
+
 // RedisOptions parses a redis:// or rediss:// URL (user, password, database
 // and TLS included; see redis.ParseURL) and applies the settings a cache
 // needs on top: context deadlines honoured, short pool waits, no command
@@ -49,15 +58,19 @@ func RedisOptions(url string, connectTimeout time.Duration) (*redis.Options, err
 	return o, nil
 }
 
-// checkClient rejects a Ring (see ErrUnsupportedClient) and a client that
-// would ignore deadlines (see ErrContextTimeouts). Clients whose options
-// cannot be read are trusted.
+// checkClient rejects a Ring (see ErrUnsupportedClient), a ClusterClient
+// that reads replicas (see ErrReplicaReads) and a client that would ignore
+// deadlines (see ErrContextTimeouts). Clients whose options cannot be read
+// are trusted.
 func checkClient(rdb redis.UniversalClient) error {
 	var ok bool
 	switch c := rdb.(type) {
 	case *redis.Client:
 		ok = c.Options().ContextTimeoutEnabled
 	case *redis.ClusterClient:
+		if c.Options().ReadOnly { // NewClusterClient sets it for RouteByLatency and RouteRandomly
+			return ErrReplicaReads
+		}
 		ok = c.Options().ContextTimeoutEnabled
 	case *redis.Ring:
 		return ErrUnsupportedClient

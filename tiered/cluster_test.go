@@ -1,6 +1,8 @@
 package tiered
 
 import (
+	"context"
+	"errors"
 	"net"
 	"strconv"
 	"testing"
@@ -232,4 +234,73 @@ func otherMaster(t *testing.T, cl *redistest.Cluster, addr string) string {
 	}
 	t.Fatalf("no master other than %s", addr)
 	return ""
+}
+
+// TestCluster_NewRejectsReplicaReads: a ClusterClient with ReadOnly (or
+// RouteByLatency or RouteRandomly, which set it) sends GETs to replicas.
+// A replica applies a write after its master has run it and published its
+// invalidation, so a read that follows the invalidation can fetch the
+// value the write replaced there. Before New refused such a client, a
+// cache on one served that value after applying the invalidation, and
+// kept it in L1 under a fresh snapshot after the replica had caught up.
+// Here the lag is forced: CLIENT PAUSE WRITE on the replica holds back its
+// replication stream, while a subscriber hears the master's PUBLISH and a
+// READONLY GET on the replica still answers.
+func TestCluster_NewRejectsReplicaReads(t *testing.T) {
+	cl := redistest.StartCluster(t, redistest.ClusterConfig{})
+	ctx := ctxT(t)
+	const key, channel = "replica:k", "replica:inv"
+	master := cl.MasterFor(t, key)
+	reps := cl.ReplicasOf(t, master)
+	if len(reps) == 0 {
+		t.Fatalf("no replica of %s", master)
+	}
+	ma, ra := nodeAdmin(t, master), nodeAdmin(t, reps[0])
+	if err := ma.Set(ctx, key, "v1", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ro := ra.Conn()
+	defer ro.Close()
+	if err := ro.ReadOnly(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the replica to hold v1", func() bool { return ro.Get(ctx, key).Val() == "v1" })
+	sub := ra.Subscribe(ctx, channel) // classic pub/sub: the cluster bus brings it to every node
+	defer sub.Close()
+	if _, err := sub.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := ra.Do(ctx, "CLIENT", "PAUSE", 5000, "WRITE").Err(); err != nil {
+		t.Fatal(err)
+	}
+	defer ra.Do(context.Background(), "CLIENT", "UNPAUSE")
+	if _, err := ma.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, key, "v2", time.Minute)
+		p.Publish(ctx, channel, key)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sub.ReceiveMessage(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v := ro.Get(ctx, key).Val(); v != "v1" {
+		t.Fatalf("replica after the invalidation was heard: %q, want v1 (the replaced value)", v)
+	}
+
+	bus := newBus(t, clusterBackend{cl}, cl.Client(t), invalidate.Options{})
+	for _, set := range []func(*redis.ClusterOptions){
+		func(o *redis.ClusterOptions) { o.ReadOnly = true },
+		func(o *redis.ClusterOptions) { o.RouteByLatency = true },
+		func(o *redis.ClusterOptions) { o.RouteRandomly = true },
+	} {
+		o := cl.Options()
+		set(o)
+		rdb := redis.NewClusterClient(o)
+		defer rdb.Close()
+		if _, err := New[string](namespace(t), rdb, bus, Options{}); !errors.Is(err, ErrReplicaReads) {
+			t.Fatalf("New with ReadOnly %v, RouteByLatency %v, RouteRandomly %v: %v, want ErrReplicaReads",
+				o.ReadOnly, o.RouteByLatency, o.RouteRandomly, err)
+		}
+	}
 }
