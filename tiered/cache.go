@@ -247,6 +247,12 @@ func New[V any](name string, rdb redis.UniversalClient, bus *invalidate.Bus, opt
 			if opts.PlainJSON {
 				return nil, errors.New("tiered: PlainJSON keys carry no shard hash tag: use a Bus with classic pub/sub (ShardChannels 0)")
 			}
+			if strings.ContainsAny(opts.KeyPrefix, "{}") {
+				// Redis hashes the first {...} of a key: the prefix's would
+				// put every key in one slot, apart from its shard channel's,
+				// and each write's transaction would fail with CROSSSLOT.
+				return nil, fmt.Errorf("tiered: KeyPrefix %q holds a brace, which would take over the hash tag of every key on a sharded Bus", opts.KeyPrefix)
+			}
 			for i := range n {
 				c.tags = append(c.tags, bus.ShardTag(i))
 			}

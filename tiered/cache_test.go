@@ -831,6 +831,24 @@ func TestOpCtx(t *testing.T) {
 // pattern is refused: before, "a[" and "a\" deleted the key "a". On a
 // sharded Bus a lease key cannot be a user's data key any more, nor be
 // matched by a pattern.
+// TestNew_BraceInKeyPrefixOnShardedBus: Redis hashes the first {...} of a
+// key, so a brace in the prefix would take over every key's hash tag, and
+// on a cluster each write's transaction (the key and its shard channel)
+// would fail with CROSSSLOT. New refuses it.
+func TestNew_BraceInKeyPrefixOnShardedBus(t *testing.T) {
+	bus := newBus(t, standalone{srv}, srv.Client(t), invalidate.Options{ShardChannels: 4})
+	for _, p := range []string{"app{x}:", "app}:", "app{:"} {
+		if _, err := New[string](namespace(t), srv.Client(t), bus, Options{KeyPrefix: p}); err == nil {
+			t.Errorf("New with KeyPrefix %q on a sharded Bus: nil error; want a refusal", p)
+		}
+	}
+	c, err := New[string](namespace(t), srv.Client(t), bus, Options{KeyPrefix: "app:"})
+	if err != nil {
+		t.Fatalf("New with KeyPrefix app: on a sharded Bus: %v", err)
+	}
+	c.Close()
+}
+
 func TestCache_DeletePatternGlob(t *testing.T) {
 	ctx := ctxT(t)
 	t.Run("namespaces with glob characters", func(t *testing.T) {

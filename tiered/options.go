@@ -78,6 +78,8 @@ type Options struct {
 	// KeyPrefix starts every Redis key of this cache. Zero means the Bus's
 	// prefix (invalidate.DefaultPrefix). Keys are
 	// <KeyPrefix><namespace>:<Schema>:<generation>:{<key>} (docs/wire.md).
+	// It should hold no brace, which would take over the keys' hash tag; on
+	// a sharded Bus, New refuses one.
 	KeyPrefix string
 
 	// Schema versions the stored bytes: change it when V's encoding changes
