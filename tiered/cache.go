@@ -158,6 +158,9 @@ type Cache[V any] struct {
 	// forcing a flight to start late and an invalidation to arrive late.
 	flightStart func(key string)
 	beforeApply func()
+	// beforeFlush, when set by a test, runs as a received namespace flush
+	// is about to be applied.
+	beforeFlush func()
 	// beforeJoinRefresh, when set by a test, runs in a stale Remember hit
 	// that waits for its refresh (SoftTimeout), between starting the
 	// refresh and joining it.
@@ -1193,6 +1196,9 @@ func (h handler[V]) Flush(gen uint64) {
 		return
 	}
 	defer h.c.leave()
+	if h.c.beforeFlush != nil {
+		h.c.beforeFlush()
+	}
 	h.c.advanceGen(gen)
 	h.c.invalidateAll()
 	if h.c.afterApply != nil {
@@ -1208,6 +1214,9 @@ func (h handler[V]) FlushResync(ctx context.Context) error {
 		return nil
 	}
 	defer h.c.leave()
+	if h.c.beforeFlush != nil {
+		h.c.beforeFlush()
+	}
 	if !h.c.opts.PlainJSON {
 		if err := h.c.resync(ctx); err != nil {
 			return err

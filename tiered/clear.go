@@ -129,7 +129,33 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 			return fmt.Errorf("tiered: clear (slot migrating): %w", err)
 		}
 	}
+	c.copyFlush(ctx, binary.AppendUvarint(prefix, g))
 	return nil
+}
+
+// copyFlush publishes a Clear's flush msg on every shard channel but shard
+// 0's, where the script published it, before Clear returns. Each shard
+// channel has its own subscription and goroutine in every Bus, so nothing
+// orders shard 0's messages with another's: an instance could apply the
+// invalidation of a write made after the Clear before the flush, read the
+// key again under the retired generation, and serve its value from before
+// the Clear, a value older than that write, until the flush arrived. On
+// each channel the flush now comes before any later write's invalidation.
+//
+// The copies are best effort: the Clear is done and its flush on shard 0
+// is the one that counts. One that fails leaves that shard's channel
+// unordered with the flush, as without copies, for one hop; an error here
+// would send the Clear to the outbox to be run again, clearing writes made
+// since.
+func (c *Cache[V]) copyFlush(ctx context.Context, msg []byte) {
+	if len(c.tags) < 2 {
+		return
+	}
+	p := c.rdb.Pipeline()
+	for i := 1; i < len(c.tags); i++ {
+		p.SPublish(ctx, c.bus.ShardChannel(i), msg)
+	}
+	_, _ = p.Exec(ctx)
 }
 
 // DeletePattern deletes every key of the namespace matching the Redis glob

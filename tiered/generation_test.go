@@ -454,3 +454,73 @@ func TestClear_AfterGenerationKeyLost(t *testing.T) {
 		}
 	}
 }
+
+// TestClear_ShardedFlushPrecedesLaterWrites: on a sharded Bus, a Clear's
+// flush and the invalidation of a write made after it travel on different
+// channels, which each Bus reads on its own goroutine. Held back on shard
+// 0's channel (as a slow link would), the flush let instance C apply the
+// later write's invalidation first, read the key again under the retired
+// generation and return its value from before the Clear. The Clear now
+// copies its flush to every shard's channel before it returns, so the
+// write's invalidation waits behind the flush on its own channel.
+func TestClear_ShardedFlushPrecedesLaterWrites(t *testing.T) {
+	const shards = 4
+	f := newFleetBus[string](t, shared, 2, Options{}, invalidate.Options{ShardChannels: shards})
+	a, c := f[0].c, f[1].c
+	ctx := ctxT(t)
+	key := ""
+	for i := 0; key == ""; i++ {
+		if k := fmt.Sprint("k", i); a.shard(k) != 0 {
+			key = k
+		}
+	}
+	done := applied(c)
+	if err := a.Set(ctx, key, "before", 0); err != nil {
+		t.Fatal(err)
+	}
+	await(t, done, "C applied the first Set's invalidation")
+	if v, ok, err := c.Get(ctx, key); err != nil || !ok || v != "before" {
+		t.Fatalf("C's Get = %q, %v, %v; want before", v, ok, err)
+	}
+
+	flushes := make(chan struct{}, 2*shards)
+	release := make(chan struct{})
+	c.mu.Lock()
+	c.beforeFlush = func() { flushes <- struct{}{}; <-release }
+	c.mu.Unlock()
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	if err := a.Clear(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Set(ctx, key, "after", 0); err != nil {
+		t.Fatal(err)
+	}
+	held, timeout := 0, time.After(5*time.Second)
+	for held < shards {
+		select {
+		case <-done:
+			// C applied the Set's invalidation with a flush held back.
+			if v, ok, err := c.Get(ctx, key); err != nil || ok && v == "before" {
+				t.Fatalf("C's Get after the Set's invalidation, with the Clear's flush held back = %q, %v, %v: the value from before the Clear", v, ok, err)
+			}
+			t.Fatal("C applied the Set's invalidation before the Clear's flush on its channel")
+		case <-flushes:
+			held++
+		case <-timeout:
+			t.Fatalf("C held %d of the Clear's %d flushes and applied nothing within 5s", held, shards)
+		}
+	}
+	close(release)
+	for range shards + 1 { // the flushes, then the Set's invalidation
+		await(t, done, "C applied the flushes and the Set's invalidation")
+	}
+	if v, ok, err := c.Get(ctx, key); err != nil || !ok || v != "after" {
+		t.Fatalf("C's Get = %q, %v, %v; want after", v, ok, err)
+	}
+}
