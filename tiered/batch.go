@@ -339,9 +339,10 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, items wr
 	}
 	start := time.Now()
 	defer func() { c.tel.Op(ctx, op, start, err) }()
+	failed := keys
 	err = c.admit()
 	if err == nil {
-		err = c.writeRedis(ctx, keys, items, true)
+		failed, err = c.writeRedis(ctx, keys, items, true)
 		c.report(start, err)
 		if err == nil {
 			return nil
@@ -354,22 +355,28 @@ func (c *Cache[V]) write(ctx context.Context, op string, keys []string, items wr
 	// Redis. Voided first, a read in between read Redis's old value and
 	// kept it in L1 under a current snapshot, and the replay never voids
 	// this process's L1 (its Bus skips its own messages).
-	c.deferKeys(keys)
-	for _, k := range keys {
+	// Only the keys of the transactions that failed: each of the others
+	// reached Redis with its invalidation, as a Set of its keys alone
+	// would have. Deferred too, they were read from the loader until the
+	// replay, which then deleted what they had written.
+	c.deferKeys(failed)
+	for _, k := range failed {
 		c.invalidateLocal(k)
 	}
 	return err
 }
 
 // writeRedis is write without the breaker and the outbox: the outbox's
-// replay uses it too.
+// replay uses it too. On error, failed holds the keys whose transaction
+// may not have been applied: all of them, or on a split batch those of the
+// transactions that failed.
 //
 // With local, the keys are voided in this process's L1 afterwards. A replay
 // passes false: what L1 holds now was read after the failed write (from the
 // loader, or written in memory mode) and is no older than what it replays.
-func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, items writeItems, local bool) (err error) {
+func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, items writeItems, local bool) (failed []string, err error) {
 	if len(keys) == 0 {
-		return nil
+		return nil, nil
 	}
 	ctx, span := c.tel.Span(ctx, "tiercache.l2.write", "MULTI", len(keys))
 	defer func() { metrics.End(span, err) }()
@@ -382,20 +389,25 @@ func (c *Cache[V]) writeRedis(ctx context.Context, keys []string, items writeIte
 				c.invalidateLocal(k)
 			}
 		}
-		return err
+		return keys, err
 	}
 	if _, cluster := c.rdb.(*redis.ClusterClient); len(keys) == 1 || c.tags == nil && !cluster && oneBatch(keys) {
-		return c.writeBatch(ctx, gen, keys, items, local) // one transaction: no split, no copies
+		// One transaction: no split, no copies.
+		if err := c.writeBatch(ctx, gen, keys, items, local); err != nil {
+			return keys, err
+		}
+		return nil, nil
 	}
 	return c.writeBatches(ctx, gen, keys, items, local)
 }
 
-// writeBatches writes keys in the transactions batches assigns them to. A
-// cluster's batches (one per slot) go out concurrently, a few at a time;
-// each is still one atomic MULTI/EXEC.
-func (c *Cache[V]) writeBatches(ctx context.Context, gen uint64, keys []string, items writeItems, local bool) error {
+// writeBatches writes keys in the transactions batches assigns them to, and
+// returns the keys of those that failed. A cluster's batches (one per slot)
+// go out concurrently, a few at a time; each is still one atomic MULTI/EXEC.
+func (c *Cache[V]) writeBatches(ctx context.Context, gen uint64, keys []string, items writeItems, local bool) (failed []string, err error) {
 	batches := c.batches(gen, keys)
 	errs := make([]error, len(batches))
+	parts := make([][]string, len(batches))
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 8)
 	for bi, idx := range batches {
@@ -410,8 +422,10 @@ func (c *Cache[V]) writeBatches(ctx context.Context, gen uint64, keys []string, 
 				sub.payloads[i] = items.payloads[j]
 			}
 		}
+		parts[bi] = part
 		if len(batches) == 1 {
-			return c.writeBatch(ctx, gen, part, sub, local)
+			errs[bi] = c.writeBatch(ctx, gen, part, sub, local)
+			break
 		}
 		sem <- struct{}{}
 		wg.Go(func() {
@@ -420,7 +434,12 @@ func (c *Cache[V]) writeBatches(ctx context.Context, gen uint64, keys []string, 
 		})
 	}
 	wg.Wait()
-	return errors.Join(errs...)
+	for bi, err := range errs {
+		if err != nil {
+			failed = append(failed, parts[bi]...)
+		}
+	}
+	return failed, errors.Join(errs...)
 }
 
 // writeBatch writes keys, which batches would put in one transaction, and

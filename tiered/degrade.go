@@ -162,7 +162,7 @@ func (h handler[V]) Replay(ctx context.Context, keys []string, flush bool) error
 	if flush {
 		err = c.clearRedis(ctx)
 	} else {
-		err = c.writeRedis(ctx, keys, writeItems{}, false)
+		_, err = c.writeRedis(ctx, keys, writeItems{}, false)
 	}
 	if invalidate.Unavailable(err) {
 		c.reloadCluster()

@@ -1,0 +1,98 @@
+package tiered
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tiercache/tiercache/invalidate"
+)
+
+// failTxHook fails, once armed, the next transaction that writes a data key
+// ending in suffix, as a master that stopped answering would; every other
+// command (the other transactions of the batch, the Bus's) goes through.
+type failTxHook struct {
+	suffix string
+	armed  *atomic.Bool
+}
+
+func (failTxHook) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (failTxHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h failTxHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if cmd.Name() != "set" && cmd.Name() != "del" {
+				continue
+			}
+			if k, _ := cmd.Args()[1].(string); strings.HasSuffix(k, h.suffix) && h.armed.CompareAndSwap(true, false) {
+				err := &net.OpError{Op: "read", Err: errors.New("test: this master does not answer")}
+				for _, c := range cmds {
+					c.SetErr(err)
+				}
+				return err
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestSetMany_PartialFailureDefersFailedKeys: when one of a batch's
+// transactions fails and the others commit (keys of several shards, or
+// slots of a cluster, go out as separate transactions), only the failed
+// transaction's keys go to the outbox, as a Set of each key alone would.
+// The others were written to Redis with their invalidation, atomically.
+// Before, every key of the batch was deferred: reads of the written keys
+// on this instance skipped Redis until the replay, and the replay then
+// deleted what they had written.
+func TestSetMany_PartialFailureDefersFailedKeys(t *testing.T) {
+	in := direct[string](t, srv, namespace(t), Options{}, invalidate.Options{ShardChannels: 2})
+	c := in.c
+	ctx := ctxT(t)
+	bad := "bad"
+	good := ""
+	for i := 0; good == ""; i++ {
+		if k := "good" + strconv.Itoa(i); c.shard(k) != c.shard(bad) {
+			good = k
+		}
+	}
+	armed := new(atomic.Bool)
+	in.rdb.(*redis.Client).AddHook(failTxHook{suffix: "}" + bad, armed: armed})
+	var deferred []string
+	c.mu.Lock()
+	c.beforeDefer = func(keys []string) { deferred = append(deferred, keys...) }
+	c.mu.Unlock()
+
+	for _, tc := range []struct {
+		name  string
+		write func() error
+		want  string // good's value afterwards; "" for absent
+	}{
+		{"SetMany", func() error { return c.SetMany(ctx, map[string]string{good: "new", bad: "new"}, 0) }, "new"},
+		{"DeleteMany", func() error { return c.DeleteMany(ctx, good, bad) }, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := c.Set(ctx, good, "old", 0); err != nil {
+				t.Fatal(err)
+			}
+			deferred = nil
+			armed.Store(true)
+			if err := tc.write(); err == nil {
+				t.Fatalf("%s with %q's transaction failing = nil; want its error", tc.name, bad)
+			}
+			if !slices.Equal(deferred, []string{bad}) {
+				t.Errorf("%s deferred %q; want only the failed transaction's key %q", tc.name, deferred, bad)
+			}
+			v, ok, err := c.Get(ctx, good)
+			if err != nil || ok != (tc.want != "") || v != tc.want {
+				t.Errorf("Get(%q) after %s = %q, %v, %v; want %q, %v (its transaction committed)", good, tc.name, v, ok, err, tc.want, tc.want != "")
+			}
+		})
+	}
+}
