@@ -96,3 +96,29 @@ func TestSetMany_PartialFailureDefersFailedKeys(t *testing.T) {
 		})
 	}
 }
+
+// TestRememberMany_LoaderExtraKeysNotCounted: a BatchLoader that returns
+// keys it was not asked for (and leaves out one it was) is counted by the
+// keys it was asked for, as Remember's loader of each key would be: the
+// extra keys are neither loader hits nor kept. Before, the loader metrics
+// counted every key of the map as a hit, so a loader that answered with extras hid the
+// keys it had found absent.
+func TestRememberMany_LoaderExtraKeysNotCounted(t *testing.T) {
+	c := newCache[string](t, Options{})
+	ctx := ctxT(t)
+	load := func(_ context.Context, keys []string) (map[string]string, error) {
+		return map[string]string{"a": "A", "x": "X", "y": "Y"}, nil // b absent; x, y not asked for
+	}
+	before := c.telemetry()
+	got, err := c.RememberMany(ctx, []string{"a", "b"}, load)
+	if err != nil || len(got) != 1 || got["a"] != "A" {
+		t.Fatalf("RememberMany(a, b) = %v, %v; want only a", got, err)
+	}
+	st := c.telemetry()
+	if hits, nf := st.LoaderHits-before.LoaderHits, st.LoaderNotFound-before.LoaderNotFound; hits != 1 || nf != 1 {
+		t.Errorf("RememberMany(a, b) counted %d loader hits and %d not found (tiercache.requests, tier loader); want 1 and 1", hits, nf)
+	}
+	if v, ok, err := c.Get(ctx, "x"); ok || err != nil {
+		t.Errorf("Get(x) = %q, %v, %v; want a miss: the loader was not asked for x", v, ok, err)
+	}
+}

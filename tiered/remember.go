@@ -431,15 +431,22 @@ func (c *Cache[V]) callLoader(ctx context.Context, key string, load Loader[V]) (
 }
 
 // callBatchLoader is callLoader for a BatchLoader: keys it leaves out count
-// as not found.
+// as not found, and keys it returns that it was not asked for count as
+// nothing (the caller ignores them).
 func (c *Cache[V]) callBatchLoader(ctx context.Context, keys []string, load BatchLoader[V]) (vals map[string]V, err error) {
 	ctx, done := c.startLoad(ctx, len(keys))
 	result := "panic"
-	defer func() { done(result, len(vals), err) }()
+	found := 0
+	defer func() { done(result, found, err) }()
 	vals, err = load(ctx, keys)
 	result = "ok"
 	if err != nil {
 		result = "error"
+	}
+	for _, k := range keys {
+		if _, ok := vals[k]; ok {
+			found++
+		}
 	}
 	return vals, err
 }
