@@ -1,6 +1,7 @@
 package tiered
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -161,9 +162,9 @@ func (c *Cache[V]) collect(out map[string]V, missing []string, results []flight.
 	var first error
 	for i, r := range results {
 		switch {
-		case r.Err != nil:
+		case r.Err != nil || r.Val.err != nil:
 			if first == nil {
-				first = r.Err
+				first = cmp.Or(r.Err, r.Val.err)
 			}
 		case r.Val.found:
 			v := r.Val.val

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -120,5 +121,67 @@ func TestRememberMany_LoaderExtraKeysNotCounted(t *testing.T) {
 	}
 	if v, ok, err := c.Get(ctx, "x"); ok || err != nil {
 		t.Errorf("Get(x) = %q, %v, %v; want a miss: the loader was not asked for x", v, ok, err)
+	}
+}
+
+// TestRememberMany_LoaderErrorSparesKeysFromRedis: when a RememberMany's
+// loader fails, the keys its run answered from Redis (the loader was not
+// asked for them) keep their values, for the call and for a Remember of
+// such a key that joined the run, as a Remember of that key alone would
+// have had them. Before, the loader's error went to every key of the run:
+// RememberMany returned none of them, and the joined Remember(a) failed
+// with the error of a load of b. (The joiner runs without L1, where the
+// run's fill of a would answer it before it could join.)
+func TestRememberMany_LoaderErrorSparesKeysFromRedis(t *testing.T) {
+	for _, m := range []Mode{ModeTiered, ModeRedis} {
+		t.Run(m.String(), func(t *testing.T) {
+			f := newFleet[string](t, shared, 2, Options{Mode: m})
+			ctx := ctxT(t)
+			c := f[1].c
+			got := applied(c)
+			if err := f[0].c.Set(ctx, "a", "A", 0); err != nil {
+				t.Fatal(err)
+			}
+			// Its invalidation must not forget a's call in the run below.
+			await(t, got, "the Set's invalidation")
+			boom := errors.New("test: source down")
+			join := m == ModeRedis
+			type result struct {
+				v   string
+				err error
+			}
+			joined := make(chan result, 1)
+			load := func(_ context.Context, keys []string) (map[string]string, error) {
+				if !slices.Equal(keys, []string{"b"}) {
+					t.Errorf("batch loader asked for %q; want [b]", keys)
+				}
+				if join {
+					// a's call is in flight in this run until it returns.
+					go func() {
+						v, err := c.Remember(ctx, "a", func(context.Context, string) (string, error) {
+							return "", errors.New("test: Remember(a) loaded instead of joining")
+						})
+						joined <- result{v, err}
+					}()
+					for deadline := time.Now().Add(5 * time.Second); c.flights.Waiters(rememberKey("a")) < 2; {
+						if time.Now().After(deadline) {
+							t.Error("Remember(a) did not join the run")
+							break
+						}
+						time.Sleep(time.Millisecond) // until Remember(a) has joined
+					}
+				}
+				return nil, boom
+			}
+			vals, err := c.RememberMany(ctx, []string{"a", "b"}, load)
+			if !errors.Is(err, boom) || len(vals) != 1 || vals["a"] != "A" {
+				t.Errorf("RememberMany(a, b) with b's load failing = %v, %v; want a from Redis and the loader's error", vals, err)
+			}
+			if join {
+				if r := <-joined; r.err != nil || r.v != "A" {
+					t.Errorf("Remember(a), joined to that run = %q, %v; want %q from Redis", r.v, r.err, "A")
+				}
+			}
+		})
 	}
 }

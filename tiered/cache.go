@@ -184,6 +184,10 @@ type readResult[V any] struct {
 	negative bool   // Remember: the source said the key is absent
 	stale    bool   // Remember: past its fresh period; the caller refreshes it
 	wid      uint64 // with stale: the write a refresh replaces
+	// err is this key's own failure in a run of several keys whose others
+	// were answered (RememberMany's loader failed; the keys Redis had are
+	// not its to fail): the run itself returns no error.
+	err error
 }
 
 // New returns a Cache for namespace name (1-255 bytes, no ':', '{' or '}').

@@ -198,6 +198,9 @@ func (c *Cache[V]) rememberStale(ctx context.Context, key string, stale V, wid u
 	// that missed L1 meanwhile would join it as a load, and get its "stale,
 	// nothing found" as the zero value.
 	r, err, joined := c.flights.Join(wctx, rememberKey(key))
+	if err == nil {
+		err = r.err // a RememberMany's run joined: the load of key failed
+	}
 	if !joined {
 		if c.beforeRefreshPeek != nil {
 			c.beforeRefreshPeek(key)
@@ -252,6 +255,9 @@ func (c *Cache[V]) rememberSlow(ctx context.Context, key string, load Loader[V])
 		}
 		return c.readThrough(ctx, key, snap, load, 0)
 	})
+	if err == nil {
+		err = r.err // a RememberMany's run joined: the load of key failed
+	}
 	// Errors here are the loader's (Redis failures go to the loader
 	// instead), counted by callLoader, or the caller's ctx.
 	var pe *flight.PanicError
@@ -703,7 +709,18 @@ func (c *Cache[V]) RememberMany(ctx context.Context, keys []string, load BatchLo
 		for i, fk := range fkeys {
 			keys[i] = fk[1:]
 		}
-		return c.readThroughMany(ctx, keys, snaps, load, nil)
+		out, err := c.readThroughMany(ctx, keys, snaps, load, nil)
+		if err != nil {
+			// The loader failed: that fails the keys it was asked for, not
+			// those Redis answered, which a Remember of one of them that
+			// joined this run gets, as it would have alone.
+			for _, k := range keys {
+				if _, ok := out[rememberKey(k)]; !ok {
+					out[rememberKey(k)] = readResult[V]{err: err}
+				}
+			}
+		}
+		return out, nil
 	})
 	err = c.collect(out, missing, results, false)
 	for i, r := range results {
