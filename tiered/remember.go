@@ -646,8 +646,9 @@ func (c *Cache[V]) fillNegative(key string, h uint64, s snapshot, l2TTL time.Dur
 
 // BatchLoader loads the values of keys from the source of truth, for
 // RememberMany. Keys it leaves out of the map are absent at the source and
-// become negative entries, as with ErrNotFound. Its context is like a
-// Loader's.
+// become negative entries, as with ErrNotFound. An error, ErrNotFound
+// included, is a failure of every key it was asked for (to say some are
+// absent, leave them out). Its context is like a Loader's.
 type BatchLoader[V any] func(ctx context.Context, keys []string) (map[string]V, error)
 
 // RememberMany is Remember for many keys: L1 hits first, then one Redis
