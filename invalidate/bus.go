@@ -105,7 +105,8 @@ type Options struct {
 	// voided as after any gap. Caches on such a Bus keep each key in the
 	// slot of one of the channels (docs/wire.md), so a write and its
 	// invalidation stay one transaction. Zero means classic pub/sub, which
-	// a cluster broadcasts to every node.
+	// a cluster broadcasts to every node. On a ClusterClient that reads
+	// from replicas, New refuses it (ErrReplicaSubscription).
 	ShardChannels int
 
 	// OutboxLimit bounds the keys kept in the outbox (see [Bus.Defer]);
@@ -209,6 +210,15 @@ var ErrClosed = errors.New("invalidate: bus closed")
 // has a handler on this Bus.
 var ErrDuplicateNamespace = errors.New("invalidate: namespace already registered")
 
+// ErrReplicaSubscription is returned by New for sharded channels
+// (ShardChannels) on a ClusterClient that reads from replicas (ReadOnly,
+// which RouteByLatency and RouteRandomly set): go-redis then subscribes on a
+// replica, which receives the master's messages by replication, later than
+// it answers the Bus's pings. A pong would no longer prove that every
+// message published before its ping has arrived, and the Bus could trust a
+// lagging stream.
+var ErrReplicaSubscription = errors.New("invalidate: sharded channels on a ClusterClient that reads from replicas would be subscribed on replicas, whose lag the heartbeats cannot see")
+
 // Bus is the invalidation stream of one process for one Redis deployment.
 // Caches of every namespace share it. It owns a receive goroutine and a
 // pub/sub connection per channel (one, or ShardChannels), and the outbox's
@@ -282,6 +292,9 @@ func New(rdb redis.UniversalClient, opts Options) (*Bus, error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
 		return nil, err
+	}
+	if cc, ok := rdb.(*redis.ClusterClient); ok && opts.ShardChannels > 0 && cc.Options().ReadOnly {
+		return nil, ErrReplicaSubscription
 	}
 	b := &Bus{
 		rdb:       rdb,

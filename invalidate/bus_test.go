@@ -934,3 +934,27 @@ func TestBusSlowResyncStaysLive(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestNewRefusesShardedReplicaSubscription: a ClusterClient with ReadOnly
+// (RouteByLatency and RouteRandomly set it) subscribes on replicas, and a
+// replica answers pings ahead of the master's messages it has yet to
+// receive, so New refuses sharded channels on one. Refused before any
+// round trip: the client's nodes need not exist.
+func TestNewRefusesShardedReplicaSubscription(t *testing.T) {
+	for _, o := range []*redis.ClusterOptions{
+		{Addrs: []string{"127.0.0.1:1"}, ReadOnly: true},
+		{Addrs: []string{"127.0.0.1:1"}, RouteByLatency: true},
+		{Addrs: []string{"127.0.0.1:1"}, RouteRandomly: true},
+	} {
+		cc := redis.NewClusterClient(o)
+		b, err := New(cc, Options{ShardChannels: 2})
+		if !errors.Is(err, ErrReplicaSubscription) {
+			if b != nil {
+				_ = b.Close()
+			}
+			t.Errorf("New(sharded) on a ClusterClient with ReadOnly %v, RouteByLatency %v, RouteRandomly %v: %v, want ErrReplicaSubscription",
+				o.ReadOnly, o.RouteByLatency, o.RouteRandomly, err)
+		}
+		_ = cc.Close()
+	}
+}
