@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"reflect"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -233,6 +234,15 @@ type Bus struct {
 	origin  [16]byte
 	auth    *auth // nil without Options.Secret
 
+	// flushMu serialises the application of namespace flushes, and
+	// flushes remembers the last ones applied: a sharded Clear publishes
+	// one flush on every shard channel (each read by its own goroutine),
+	// and only the first to arrive is applied; the others wait until it
+	// has been, then skip it (see dispatch).
+	flushMu sync.Mutex
+	flushes [64]flushID
+	flushAt int
+
 	// epoch is even while the stream is trusted (subscribed, and the
 	// circuit closed) and odd otherwise; it changes on every transition, so
 	// an entry filled under epoch e is valid only while epoch is still e.
@@ -263,6 +273,7 @@ type Bus struct {
 	seq       atomic.Uint64
 
 	received, applied, own, ignored, malformed, rejected, reconnects atomic.Uint64
+	duplicates                                                       atomic.Uint64
 	resets                                                           atomic.Uint64 // epoch changes
 
 	tel *metrics.Bus
@@ -527,6 +538,7 @@ type Stats struct {
 	Ignored    uint64 // messages for namespaces with no handler here
 	Malformed  uint64 // messages that failed to decode
 	Rejected   uint64 // messages dropped for want of a valid tag (Options.Secret)
+	Duplicates uint64 // copies of a flush already applied, skipped (a sharded Clear sends one per shard channel)
 
 	CircuitOpen   bool   // the circuit breaker is open
 	CircuitOpens  uint64 // times it opened
@@ -543,7 +555,7 @@ type Stats struct {
 func (b *Bus) Stats() Stats {
 	return Stats{
 		Live: b.Live(), LastHeard: b.LastHeard(), Reconnects: b.reconnects.Load(),
-		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(),
+		Received: b.received.Load(), Applied: b.applied.Load(), Own: b.own.Load(), Ignored: b.ignored.Load(), Malformed: b.malformed.Load(), Rejected: b.rejected.Load(), Duplicates: b.duplicates.Load(),
 		CircuitOpen: b.open.Load(), CircuitOpens: b.opens.Load(), CircuitCloses: b.closes.Load(),
 		OutboxDepth: b.OutboxDepth(), Deferred: b.deferred.Load(), Replayed: b.replayed.Load(), OutboxDropped: b.dropped.Load(), Overflows: b.overflows.Load(),
 		Resets: b.resets.Load(),
@@ -876,6 +888,23 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 		return nil
 	}
 	h := r.h
+	if m.Kind == KindFlush {
+		// A copy of a flush already applied (a sharded Clear sends one
+		// per shard channel) is skipped, once that application is
+		// complete: what follows the copy on its channel comes after the
+		// flush, so it must not be applied before the flush has been.
+		b.flushMu.Lock()
+		defer b.flushMu.Unlock()
+		id := flushID{m.Origin, m.Seq}
+		if slices.Contains(b.flushes[:], id) {
+			b.duplicates.Add(1)
+			return nil
+		}
+		defer func() {
+			b.flushes[b.flushAt] = id
+			b.flushAt = (b.flushAt + 1) % len(b.flushes)
+		}()
+	}
 	b.tel.Lag(ctx, time.Duration(time.Now().UnixNano()-m.Time))
 	switch {
 	case m.Kind == KindKeys:
@@ -905,6 +934,13 @@ func (b *Bus) dispatch(ctx context.Context, payload string) error {
 	}
 	b.applied.Add(1)
 	return nil
+}
+
+// flushID names a flush message: its origin and sequence number, which
+// every copy of it shares.
+type flushID struct {
+	origin [16]byte
+	seq    uint64
 }
 
 // isOwn reports whether an encoded message (versions 1 and 2: magic,

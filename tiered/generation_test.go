@@ -462,7 +462,8 @@ func TestClear_AfterGenerationKeyLost(t *testing.T) {
 // later write's invalidation first, read the key again under the retired
 // generation and return its value from before the Clear. The Clear now
 // copies its flush to every shard's channel before it returns, so the
-// write's invalidation waits behind the flush on its own channel.
+// write's invalidation waits behind the flush on its own channel; a Bus
+// applies the first copy to arrive and skips the others once it has.
 func TestClear_ShardedFlushPrecedesLaterWrites(t *testing.T) {
 	const shards = 4
 	f := newFleetBus[string](t, shared, 2, Options{}, invalidate.Options{ShardChannels: shards})
@@ -495,30 +496,45 @@ func TestClear_ShardedFlushPrecedesLaterWrites(t *testing.T) {
 			close(release)
 		}
 	}()
+	cb := f[1].bus
+	received := cb.Stats().Received
 	if err := a.Clear(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Set(ctx, key, "after", 0); err != nil {
 		t.Fatal(err)
 	}
-	held, timeout := 0, time.After(5*time.Second)
-	for held < shards {
+	// One flush is held in C's handler; the copies that reach C's other
+	// shard goroutines wait for it (and are then skipped as duplicates).
+	// Once C has received a copy on every shard channel, the goroutine of
+	// the key's channel is stuck behind its copy, ahead of the Set's
+	// invalidation. Without the copies, that goroutine applies the
+	// invalidation at once instead.
+	await(t, flushes, "C's handler got the Clear's flush")
+	for deadline := time.Now().Add(5 * time.Second); cb.Stats().Received < received+shards; {
 		select {
 		case <-done:
-			// C applied the Set's invalidation with a flush held back.
+			// C applied the Set's invalidation with the flush held back.
 			if v, ok, err := c.Get(ctx, key); err != nil || ok && v == "before" {
 				t.Fatalf("C's Get after the Set's invalidation, with the Clear's flush held back = %q, %v, %v: the value from before the Clear", v, ok, err)
 			}
 			t.Fatal("C applied the Set's invalidation before the Clear's flush on its channel")
-		case <-flushes:
-			held++
-		case <-timeout:
-			t.Fatalf("C held %d of the Clear's %d flushes and applied nothing within 5s", held, shards)
+		case <-time.After(time.Millisecond): // Received has no event: poll it
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("C received %d messages of the Clear's %d flushes within 5s", cb.Stats().Received-received, shards)
 		}
 	}
+	select {
+	case <-done:
+		t.Fatal("C applied a message while the Clear's flush was held")
+	default:
+	}
 	close(release)
-	for range shards + 1 { // the flushes, then the Set's invalidation
-		await(t, done, "C applied the flushes and the Set's invalidation")
+	await(t, done, "C applied the flush")
+	await(t, done, "C applied the Set's invalidation")
+	if st := cb.Stats(); st.Duplicates != shards-1 {
+		t.Errorf("C skipped %d copies of the flush, want %d", st.Duplicates, shards-1)
 	}
 	if v, ok, err := c.Get(ctx, key); err != nil || !ok || v != "after" {
 		t.Fatalf("C's Get = %q, %v, %v; want after", v, ok, err)
