@@ -527,6 +527,27 @@ func (b *Bus) Publish(ctx context.Context, msg []byte) error {
 	return nil
 }
 
+// PublishCopies publishes a flush msg, already published with Publish, on
+// every other shard channel too (none without ShardChannels), so that on
+// each channel it comes before whatever is published there after it. Each
+// channel is received on its own goroutine, so nothing else orders a
+// message on one channel with a message on another. A Bus applies the
+// first copy of a flush to arrive and skips the others once it has
+// (Stats.Duplicates): copies share their origin and sequence number.
+func (b *Bus) PublishCopies(ctx context.Context, msg []byte) error {
+	if b.opts.ShardChannels < 2 {
+		return nil
+	}
+	p := b.rdb.Pipeline()
+	for i := 1; i < b.opts.ShardChannels; i++ {
+		p.SPublish(ctx, b.ShardChannel(i), msg)
+	}
+	if _, err := p.Exec(ctx); err != nil {
+		return fmt.Errorf("invalidate: publish copies: %w", err)
+	}
+	return nil
+}
+
 // Stats is a snapshot of the Bus's counters.
 type Stats struct {
 	Live       bool

@@ -120,42 +120,28 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	}
 	g := uint64(res[0])
 	c.advanceGen(g) // a later Clear's flush may be here first
+	msg := binary.AppendUvarint(prefix, g) // the flush the script published
 	if c.tags != nil && res[1] == 0 && c.subscribersOnMasters() {
 		// Nobody heard the flush, not even this process's own Bus: the
 		// generation key's slot is migrating and the script ran on the
 		// node importing it, while the channel's subscribers are still on
 		// the one exporting it. Publish it again to the slot's owner.
-		if err := c.bus.Publish(ctx, binary.AppendUvarint(prefix, g)); err != nil {
+		if err := c.bus.Publish(ctx, msg); err != nil {
 			return fmt.Errorf("tiered: clear (slot migrating): %w", err)
 		}
 	}
-	c.copyFlush(ctx, binary.AppendUvarint(prefix, g))
+	// On a sharded Bus, each shard channel is received on its own: an
+	// instance could apply the invalidation of a write made after this
+	// Clear before the flush (on shard 0's channel), read the key again
+	// under the retired generation, and serve its value from before the
+	// Clear, older than that write, until the flush arrived. A copy on
+	// every channel comes before any later write's invalidation there.
+	// Best effort: the Clear is done and the flush on shard 0 is the one
+	// that counts. A copy that fails leaves its channel unordered with the
+	// flush for one hop, as without copies; an error here would send the
+	// Clear to the outbox to be run again, clearing writes made since.
+	_ = c.bus.PublishCopies(ctx, msg)
 	return nil
-}
-
-// copyFlush publishes a Clear's flush msg on every shard channel but shard
-// 0's, where the script published it, before Clear returns. Each shard
-// channel has its own subscription and goroutine in every Bus, so nothing
-// orders shard 0's messages with another's: an instance could apply the
-// invalidation of a write made after the Clear before the flush, read the
-// key again under the retired generation, and serve its value from before
-// the Clear, a value older than that write, until the flush arrived. On
-// each channel the flush now comes before any later write's invalidation.
-//
-// The copies are best effort: the Clear is done and its flush on shard 0
-// is the one that counts. One that fails leaves that shard's channel
-// unordered with the flush, as without copies, for one hop; an error here
-// would send the Clear to the outbox to be run again, clearing writes made
-// since.
-func (c *Cache[V]) copyFlush(ctx context.Context, msg []byte) {
-	if len(c.tags) < 2 {
-		return
-	}
-	p := c.rdb.Pipeline()
-	for i := 1; i < len(c.tags); i++ {
-		p.SPublish(ctx, c.bus.ShardChannel(i), msg)
-	}
-	_, _ = p.Exec(ctx)
 }
 
 // DeletePattern deletes every key of the namespace matching the Redis glob
