@@ -120,7 +120,8 @@ func (c *Cache[V]) clearRedis(ctx context.Context) (err error) {
 	}
 	g := uint64(res[0])
 	c.advanceGen(g) // a later Clear's flush may be here first
-	msg := binary.AppendUvarint(prefix, g) // the flush the script published
+	// The flush the script published.
+	msg := binary.AppendUvarint(prefix, g)
 	if c.tags != nil && res[1] == 0 && c.subscribersOnMasters() {
 		// Nobody heard the flush, not even this process's own Bus: the
 		// generation key's slot is migrating and the script ran on the
